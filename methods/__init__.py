@@ -1,0 +1,15 @@
+"""Fine-tuning methods, one module each; importing this package registers them all."""
+
+from methods.base import Batch, Hyperparams, Method, PrepareContext, TrainCallback
+from methods.registry import get_method, method_names, register_method
+
+__all__ = [
+    "Batch",
+    "Hyperparams",
+    "Method",
+    "PrepareContext",
+    "TrainCallback",
+    "get_method",
+    "method_names",
+    "register_method",
+]

@@ -1,0 +1,97 @@
+"""The contract every fine-tuning method implements.
+
+A method sees a model and batches of tensors, nothing else: no Ray, no task, no data
+loading. A batch is a dict the model accepts as keyword arguments, including `labels`, so
+`model(**batch).loss` is the training loss (how data-informed inits get their gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Hyperparams(BaseModel):
+    """Base for a method's hyperparameters; unknown keys are an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PrepareContext:
+    """What the harness tells a method about the model it is adapting.
+
+    head_modules: names of the freshly initialised task head (e.g. `classifier`); these stay
+        fully trainable under every method (peft `modules_to_save`).
+    default_target_modules: the target modules for this model family, used when the method's
+        hyperparameters leave `target_modules` unset.
+    init_batches: a callable returning an iterable of training batches, for methods with a
+        data-informed initialisation (`Method.needs_init_batches`); it yields at most the
+        number of batches the method asked for in `init_batches_wanted`.
+    """
+
+    head_modules: list[str]
+    default_target_modules: list[str]
+    init_batches: Callable[[int], Iterable[Batch]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainCallback(Protocol):
+    """Called by the training loop after each optimizer step (1-based step)."""
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+
+class Method:
+    """A fine-tuning method: parameterisation, initialisation, optimizer param groups.
+
+    Subclasses set `name`, `description`, `hyperparams_cls` and implement `prepare` and
+    `expected_trainable_params`; they override `build_optimizer` when their param groups are
+    not one AdamW group (LoRA+), and `callbacks` for training-time hooks.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    hyperparams_cls: ClassVar[type[Hyperparams]] = Hyperparams
+    needs_init_batches: ClassVar[bool] = False
+
+    def hyperparams(self, overrides: Mapping[str, Any] | None = None) -> Hyperparams:
+        """Defaults merged with overrides, validated (raises pydantic.ValidationError)."""
+        return self.hyperparams_cls(**dict(overrides or {}))
+
+    def init_batches_wanted(self, hp: Hyperparams) -> int:
+        """How many training batches the data-informed init consumes (0 if none)."""
+        return 0
+
+    def prepare(self, model: nn.Module, hp: Hyperparams, ctx: PrepareContext) -> nn.Module:
+        """Return the model to train (wrapped/reparameterised, init done, trainables set)."""
+        raise NotImplementedError
+
+    def build_optimizer(
+        self, model: nn.Module, lr: float, hp: Hyperparams, weight_decay: float = 0.0
+    ) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def callbacks(self, hp: Hyperparams) -> list[TrainCallback]:
+        return []
+
+    def expected_trainable_params(
+        self, base_model: nn.Module, hp: Hyperparams, ctx: PrepareContext
+    ) -> int:
+        """Closed-form trainable-parameter count, computed on the *unprepared* base model.
+
+        The harness compares it with the prepared model's count as a sanity check.
+        """
+        raise NotImplementedError
+
+    def resolved_config(self, hp: Hyperparams, ctx: PrepareContext) -> dict[str, Any]:
+        """The hyperparameters as actually used (defaults filled in), for result rows."""
+        return hp.model_dump()

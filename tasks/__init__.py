@@ -1,0 +1,6 @@
+"""Tasks, one module per family; importing this package registers them all."""
+
+from tasks.base import DataSplits, HeadKind, Task
+from tasks.registry import get_task, register_task, task_ids
+
+__all__ = ["DataSplits", "HeadKind", "Task", "get_task", "register_task", "task_ids"]

@@ -1,0 +1,67 @@
+"""The contract every task implements: data, head, preprocessing, metrics, protocol.
+
+A task knows nothing of methods. It turns rows into model inputs and predictions into
+metrics; the harness runs the model in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+
+HeadKind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three roles a task's data plays in a trial.
+
+    train: rows the model trains on (already subset to the budget).
+    selection: rows the learning rate is chosen on (carved from train, disjoint from it).
+    test: the reported split(s), by name (one for most tasks; MNLI has matched/mismatched).
+        Never used for selection.
+    provenance: where each came from (hub or mirror path, revision, rows, fingerprint).
+    """
+
+    train: pd.DataFrame
+    selection: pd.DataFrame
+    test: dict[str, pd.DataFrame]
+    provenance: dict[str, Any]
+
+
+class Task:
+    """Base class; a task family module subclasses it and registers instances."""
+
+    id: ClassVar[str]
+    description: ClassVar[str]
+    protocol: ClassVar[str]  # eval protocol id + version, recorded in every row
+    head: ClassVar[HeadKind]
+    num_labels: ClassVar[int]  # 1 for regression
+    selection_metric: ClassVar[str]  # key of `metrics()` the LR is chosen by (higher is better)
+    headline_metric: ClassVar[str]  # key of the test metrics shown first on the leaderboard
+
+    def splits(
+        self,
+        data_dir: str | None,
+        *,
+        train_rows: int | None = None,
+        selection_rows: int | None = None,
+        test_rows: int | None = None,
+    ) -> DataSplits:
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Any, rows: pd.DataFrame, max_length: int) -> dict[str, list]:
+        """Tokenise rows; returns input_ids/attention_mask(/token_type_ids) and `labels`."""
+        raise NotImplementedError
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        """Model outputs (N, num_labels) to predictions (argmax, or the regression value)."""
+        if self.head == "regression":
+            return logits.reshape(-1)
+        return logits.argmax(axis=-1)
+
+    def metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError
