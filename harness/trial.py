@@ -1,0 +1,230 @@
+"""One trial, top to bottom: data -> model -> method -> train -> evaluate -> one result row.
+
+`run_trial` is a plain function (no Ray), so it is testable and benchmarkable on its own;
+the sweep only decides where it runs. It never raises: a failure becomes a row with
+status "failed" (or "diverged") and the error text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import methods
+import tasks
+from harness import memory, provenance
+from harness.config import TrialSpec
+from harness.models import load_sequence_model, resolve_model
+from harness.train import Diverged, predict, train
+from methods.targets import default_target_modules
+
+STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_rows(encoded: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(encoded)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
+
+
+def _loader(rows, collate, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _evaluate(task, model, loader, labels: np.ndarray, device) -> dict[str, float]:
+    return task.metrics(task.predictions(predict(model, loader, device)), labels)
+
+
+def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
+    spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
+    started = time.perf_counter()
+    row: dict[str, Any] = {
+        "key": spec.key(),
+        "sweep": spec.sweep,
+        "status": STATUS_OK,
+        "error": "",
+        "method": spec.method,
+        "task": spec.task,
+        "model_id": spec.model_id,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "budget": spec.budget.model_dump_json(),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": provenance.git_commit(),
+        "packages": json.dumps(provenance.package_versions(), sort_keys=True),
+    }
+    try:
+        _run(spec, row)
+    except Diverged as err:
+        row.update(status=STATUS_DIVERGED, error=str(err))
+    except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
+        row.update(status=STATUS_FAILED, error=f"{type(err).__name__}: {err}")
+        row["traceback"] = traceback.format_exc(limit=20)
+    row["wall_time_s"] = time.perf_counter() - started
+    return row
+
+
+def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
+    torch.set_num_threads(spec.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row.update(provenance.hardware(device))
+    seed_everything(spec.seed)
+
+    # Data: the task owns splits, preprocessing and metrics.
+    task = tasks.get_task(spec.task)
+    budget = spec.budget
+    splits = task.splits(
+        spec.data_dir,
+        train_rows=budget.train_rows,
+        selection_rows=budget.selection_rows,
+        test_rows=budget.test_rows,
+    )
+    row["protocol"] = task.protocol
+    row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
+    row["data_kind"] = _data_kind(splits.provenance)
+    row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
+    row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
+
+    # Model: pretrained body + new head.
+    source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
+    row["model_revision"], row["model_source"] = source.revision, f"{source.kind}:{source.location}"
+    loaded = load_sequence_model(source, task.num_labels, task.head == "regression")
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    encode = lambda df: _to_rows(task.encode(tokenizer, df, budget.max_length))  # noqa: E731
+    train_rows = encode(splits.train)
+    train_loader = _loader(train_rows, collate, budget.batch_size, shuffle=True, seed=spec.seed)
+    eval_bs = spec.eval.batch_size
+    selection_loader = _loader(encode(splits.selection), collate, eval_bs, shuffle=False)
+    selection_labels = splits.selection["label"].to_numpy()
+    test_sets = {
+        name: (_loader(encode(df), collate, eval_bs, shuffle=False), df["label"].to_numpy())
+        for name, df in splits.test.items()
+    }
+
+    # Method: parameterisation + (data-informed) init, timed and memory-measured.
+    method = methods.get_method(spec.method)
+    hp = method.hyperparams(spec.method_overrides)
+
+    def init_batches(n: int):
+        loader = _loader(train_rows, collate, budget.batch_size, shuffle=True, seed=spec.seed + 1)
+        for i, batch in enumerate(loader):
+            if i >= n:
+                return
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    ctx = methods.PrepareContext(
+        head_modules=loaded.head_modules,
+        default_target_modules=default_target_modules(loaded.model_type),
+        init_batches=init_batches if method.needs_init_batches else None,
+    )
+    expected_trainable = method.expected_trainable_params(model, hp, ctx)
+    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
+    memory.reset_peak(device)
+    init_started = time.perf_counter()
+    model = method.prepare(model, hp, ctx)
+    row["init_time_s"] = time.perf_counter() - init_started
+    trainable, total = count_params(model)
+    row.update(trainable_params=trainable, total_params=total)
+    row["expected_trainable_params"] = expected_trainable
+    if trainable != expected_trainable:
+        raise AssertionError(
+            f"sanity check: {trainable} trainable parameters, the method's formula says "
+            f"{expected_trainable}"
+        )
+
+    # Train.
+    optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
+    total_steps = budget.max_steps or math.ceil(
+        budget.epochs * len(train_rows) / budget.batch_size
+    )
+    result = train(
+        model,
+        optimizer,
+        train_loader,
+        total_steps,
+        warmup_ratio=budget.warmup_ratio,
+        max_grad_norm=budget.max_grad_norm,
+        callbacks=method.callbacks(hp),
+        evaluate_every=spec.eval.every_steps,
+        evaluate=lambda: _evaluate(task, model, selection_loader, selection_labels, device)[
+            task.selection_metric
+        ],
+        device=device,
+    )
+    row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
+    row.update(
+        steps=result.steps,
+        train_time_s=result.train_time_s,
+        samples_per_s=result.samples / result.train_time_s,
+        tokens_per_s=result.tokens / result.train_time_s,
+        final_train_loss=result.final_loss,
+        loss_curve=json.dumps(result.loss_curve),
+        eval_curve=json.dumps(result.eval_curve),
+    )
+
+    # Evaluate: select on the selection split, report the test split(s).
+    eval_started = time.perf_counter()
+    selection = _evaluate(task, model, selection_loader, selection_labels, device)
+    test: dict[str, float] = {}
+    for name, (loader, labels) in test_sets.items():
+        metrics = _evaluate(task, model, loader, labels, device)
+        prefix = f"{name}/" if len(test_sets) > 1 else ""
+        test.update({prefix + k: v for k, v in metrics.items()})
+    row["eval_time_s"] = time.perf_counter() - eval_started
+    row.update(
+        selection_metric=task.selection_metric,
+        selection_score=selection[task.selection_metric],
+        selection_metrics=json.dumps(selection, sort_keys=True),
+        test_metric=task.headline_metric,
+        test_score=test[task.headline_metric],
+        test_metrics=json.dumps(test, sort_keys=True),
+        majority_baseline=_majority_baseline(task, splits),
+    )
+
+
+def _data_kind(prov: dict[str, Any]) -> str:
+    """'hub', 'mirror' or 'fixture'-style label of where the rows came from."""
+    blob = json.dumps(prov, default=str)
+    if '"source": "hub"' in blob:
+        return "hub" if '"source": "mirror"' not in blob else "hub+mirror"
+    return "mirror"
+
+
+def _majority_baseline(task, splits) -> float | None:
+    """The headline test metric of always predicting the train majority class."""
+    if task.head != "classification":
+        return None
+    majority = splits.train["label"].mode().iloc[0]
+    scores: dict[str, float] = {}
+    for name, df in splits.test.items():
+        preds = np.full(len(df), majority)
+        prefix = f"{name}/" if len(splits.test) > 1 else ""
+        scores.update({prefix + k: v for k, v in task.metrics(preds, df["label"].to_numpy()).items()})
+    return scores.get(task.headline_metric)

@@ -1,0 +1,103 @@
+"""Leaderboard aggregation: LR chosen on the selection split only, failures never averaged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.results import (
+    LEADERBOARD_COLUMNS,
+    RUN_COLUMNS,
+    append_runs,
+    build_leaderboard,
+    read_runs,
+    write_leaderboard,
+)
+
+
+def _run(method, lr, seed, select, test, status="ok", task="glue/sst2"):
+    return {
+        "key": f"{method}-{task}-{lr}-{seed}",
+        "status": status,
+        "method": method,
+        "task": task,
+        "model_id": "m",
+        "lr": lr,
+        "seed": seed,
+        "selection_metric": "accuracy",
+        "selection_score": select,
+        "test_metric": "accuracy",
+        "test_score": test,
+        "test_metrics": json.dumps({"accuracy": test}),
+        "majority_baseline": 0.5,
+        "trainable_params": 10,
+        "init_time_s": 0.1,
+        "train_time_s": 1.0,
+        "peak_memory_mb": 100.0,
+        "samples_per_s": 50.0,
+        "protocol": "p",
+        "git_commit": "abc",
+        "packages": "{}",
+        "device": "cpu",
+        "data_kind": "mirror",
+        "data_source": "{}",
+        "model_revision": "r",
+        "method_config": "{}",
+    }
+
+
+def test_lr_is_chosen_by_selection_mean_not_by_test():
+    runs = pd.DataFrame(
+        [
+            # lr 1e-3: better on selection, worse on test -> must be chosen anyway.
+            _run("lora", 1e-3, 0, 0.90, 0.70),
+            _run("lora", 1e-3, 1, 0.88, 0.72),
+            _run("lora", 1e-4, 0, 0.80, 0.95),
+            _run("lora", 1e-4, 1, 0.82, 0.96),
+        ]
+    )
+    board = build_leaderboard(runs)
+    row = board.iloc[0]
+    assert row["chosen_lr"] == 1e-3
+    assert row["selection_mean"] == pytest.approx(0.89)
+    assert row["test_mean"] == pytest.approx(0.71)
+    assert row["test_std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
+    assert row["n_seeds"] == 2 and json.loads(row["seeds"]) == [0, 1]
+    assert list(board.columns) == LEADERBOARD_COLUMNS
+
+
+def test_failed_or_diverged_seed_makes_its_lr_ineligible():
+    runs = pd.DataFrame(
+        [
+            _run("lora", 1e-2, 0, 0.99, 0.99),
+            _run("lora", 1e-2, 1, float("nan"), float("nan"), status="diverged"),
+            _run("lora", 1e-3, 0, 0.80, 0.81),
+            _run("lora", 1e-3, 1, 0.82, 0.83),
+        ]
+    )
+    row = build_leaderboard(runs).iloc[0]
+    assert row["chosen_lr"] == 1e-3
+    assert row["n_diverged"] == 1 and row["n_runs"] == 4
+    assert row["test_mean"] == pytest.approx(0.82)
+
+
+def test_all_failed_gives_a_row_without_scores():
+    runs = pd.DataFrame([_run("dora", 1e-3, 0, None, None, status="failed")])
+    row = build_leaderboard(runs).iloc[0]
+    assert row["n_seeds"] == 0 and row["n_failed"] == 1 and pd.isna(row["test_mean"])
+
+
+def test_append_replaces_same_key_and_writes_atomically(tmp_path: Path):
+    append_runs(tmp_path, [_run("lora", 1e-3, 0, 0.5, 0.5, status="failed")])
+    append_runs(tmp_path, [_run("lora", 1e-3, 0, 0.9, 0.8), _run("lora", 1e-3, 1, 0.7, 0.6)])
+    runs = read_runs(tmp_path)
+    assert len(runs) == 2 and set(runs["status"]) == {"ok"}
+    assert list(runs.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]  # no temp files left
+    board = write_leaderboard(tmp_path)
+    assert board.iloc[0]["test_mean"] == pytest.approx(0.7)
+    assert (tmp_path / "leaderboard.parquet").is_file()

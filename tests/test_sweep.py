@@ -1,0 +1,78 @@
+"""A real smoke sweep: MiniLM on real SST-2 rows through local Ray Tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.results import LEADERBOARD_COLUMNS, RUN_COLUMNS
+from tests.conftest import MINILM
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_sweep_writes_both_parquet_files_and_leaderboard_reproduces(
+    tmp_path: Path, mirror_dir: str, capsys
+):
+    out = tmp_path / "out"
+    config = tmp_path / "smoke.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "smoke",
+                "model": {"id": MINILM},
+                "tasks": ["glue/sst2"],
+                "methods": {"lora": {"lrs": [1e-3]}, "full_ft": {"lrs": [1e-4]}},
+                "seeds": [0, 1],
+                "budget": {
+                    "max_steps": 4,
+                    "batch_size": 8,
+                    "max_length": 32,
+                    "train_rows": 64,
+                    "selection_rows": 32,
+                    "test_rows": 48,
+                },
+                "resources": {"cpus_per_trial": 1},
+                "output_dir": str(out),
+                "data_dir": mirror_dir,
+            }
+        )
+    )
+    assert main(["sweep", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 trials to run" in printed and "[4/4" in printed
+
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert list(runs.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
+    assert len(runs) == 4 and set(runs["status"]) == {"ok"}, runs[["status", "error"]]
+    assert set(runs["method"]) == {"lora", "full_ft"} and set(runs["seed"]) == {0, 1}
+    assert (runs["steps"] == 4).all() and (runs["train_rows"] == 64).all()
+    assert (runs["trainable_params"] == runs["expected_trainable_params"]).all()
+    full = runs[runs["method"] == "full_ft"].iloc[0]
+    assert full["trainable_params"] == full["total_params"]
+    lora = runs[runs["method"] == "lora"].iloc[0]
+    assert lora["trainable_params"] < full["trainable_params"] / 10
+    assert json.loads(lora["test_rows"]) == {"validation": 48}
+    assert runs["data_kind"].eq("mirror").all() and runs["model_source"].str.len().gt(0).all()
+    assert runs["test_score"].between(0, 1).all()
+    for col in ("git_commit", "packages", "device", "hostname", "protocol", "method_config"):
+        assert runs[col].notna().all() and runs[col].str.len().gt(0).all(), col
+    # Different seeds give different training (seeding is not a no-op).
+    assert runs.groupby("method")["final_train_loss"].nunique().eq(2).all()
+
+    board = pd.read_parquet(out / "leaderboard.parquet")
+    assert list(board.columns) == LEADERBOARD_COLUMNS
+    assert len(board) == 2 and (board["n_seeds"] == 2).all()
+
+    assert main(["leaderboard", str(out)]) == 0
+    pd.testing.assert_frame_equal(board, pd.read_parquet(out / "leaderboard.parquet"))
+
+    # The same command again finds nothing to do and changes no row.
+    assert main(["sweep", str(config)]) == 0
+    assert "0 trials to run (4 already done)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(runs, pd.read_parquet(out / "runs.parquet"))
