@@ -149,7 +149,9 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
         raise ConfigError(f"{source}: invalid sweep config:\n{_format(err)}") from err
     problems = _semantic_problems(cfg)
     if problems:
-        raise ConfigError(f"{source}: invalid sweep config:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            f"{source}: invalid sweep config:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return cfg
 
 

@@ -157,7 +157,9 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
     if len(board):
-        board = board.sort_values(["task", "test_mean"], ascending=[True, False], na_position="last")
+        board = board.sort_values(
+            ["task", "test_mean"], ascending=[True, False], na_position="last"
+        )
     return board.reset_index(drop=True)
 
 

@@ -139,7 +139,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
         try:
             payload = [s.model_dump(mode="json") for s in todo]
             resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
-            trainable = tune.with_resources(tune.with_parameters(_trainable, specs=payload), resources)
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, specs=payload), resources
+            )
             tuner = tune.Tuner(
                 trainable,
                 param_space={"index": tune.grid_search(list(range(len(todo))))},
@@ -165,7 +167,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
 
 
 def _trial_name(spec: TrialSpec) -> str:
-    return f"{spec.method}_{spec.task.replace('/', '-')}_lr{spec.lr:g}_s{spec.seed}_{spec.key()[:6]}"
+    return (
+        f"{spec.method}_{spec.task.replace('/', '-')}_lr{spec.lr:g}_s{spec.seed}_{spec.key()[:6]}"
+    )
 
 
 def _absolute(path: str | None) -> str | None:

@@ -161,9 +161,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     # Train.
     optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
-    total_steps = budget.max_steps or math.ceil(
-        budget.epochs * len(train_rows) / budget.batch_size
-    )
+    total_steps = budget.max_steps or math.ceil(budget.epochs * len(train_rows) / budget.batch_size)
     result = train(
         model,
         optimizer,
@@ -226,5 +224,7 @@ def _majority_baseline(task, splits) -> float | None:
     for name, df in splits.test.items():
         preds = np.full(len(df), majority)
         prefix = f"{name}/" if len(splits.test) > 1 else ""
-        scores.update({prefix + k: v for k, v in task.metrics(preds, df["label"].to_numpy()).items()})
+        scores.update(
+            {prefix + k: v for k, v in task.metrics(preds, df["label"].to_numpy()).items()}
+        )
     return scores.get(task.headline_metric)

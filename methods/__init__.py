@@ -13,3 +13,6 @@ __all__ = [
     "method_names",
     "register_method",
 ]
+
+# Importing a method module registers it.
+from methods import dora, full_ft, lora, lora_ga, lora_plus, pissa, rslora  # noqa: E402,F401

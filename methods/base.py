@@ -46,7 +46,9 @@ class PrepareContext:
 class TrainCallback(Protocol):
     """Called by the training loop after each optimizer step (1-based step)."""
 
-    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_step_end(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None: ...
 
 
 class Method:
