@@ -147,6 +147,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                 param_space={"index": tune.grid_search(list(range(len(todo))))},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=cfg.ray.max_concurrent_trials,
+                    # Reusing workers saves re-importing torch/transformers per trial; peak
+                    # memory is reset per trial (harness.memory), seeds are set per trial.
+                    reuse_actors=True,
                     trial_name_creator=lambda t: _trial_name(todo[t.config["index"]]),
                     trial_dirname_creator=lambda t: _trial_name(todo[t.config["index"]]),
                 ),

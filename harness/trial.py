@@ -120,13 +120,15 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     encode = lambda df: _to_rows(task.encode(tokenizer, df, budget.max_length))  # noqa: E731
     train_rows = encode(splits.train)
     train_loader = _loader(train_rows, collate, budget.batch_size, shuffle=True, seed=spec.seed)
-    eval_bs = spec.eval.batch_size
-    selection_loader = _loader(encode(splits.selection), collate, eval_bs, shuffle=False)
-    selection_labels = splits.selection["label"].to_numpy()
-    test_sets = {
-        name: (_loader(encode(df), collate, eval_bs, shuffle=False), df["label"].to_numpy())
-        for name, df in splits.test.items()
-    }
+
+    def eval_set(df):
+        # Sorted by length so eval batches carry little padding; metrics ignore order.
+        rows = sorted(encode(df), key=lambda r: len(r["input_ids"]))
+        labels = np.array([r["labels"] for r in rows])
+        return _loader(rows, collate, spec.eval.batch_size, shuffle=False), labels
+
+    selection_loader, selection_labels = eval_set(splits.selection)
+    test_sets = {name: eval_set(df) for name, df in splits.test.items()}
 
     # Method: parameterisation + (data-informed) init, timed and memory-measured.
     method = methods.get_method(spec.method)

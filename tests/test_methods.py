@@ -1,0 +1,261 @@
+"""The mathematics of each method, checked on a tiny random BERT (see specs/methods.md)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import BertConfig, BertForSequenceClassification
+
+import methods
+from methods.peft_lora import matching_linear_layers
+from methods.targets import default_target_modules
+
+RANK = 4
+HEAD = ["classifier"]
+TARGETS = default_target_modules("bert")
+LAYER = "bert.encoder.layer.0.attention.self.query"
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+def batch(seed: int, n: int = 2, length: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, 100, (n, length), generator=g),
+        "attention_mask": torch.ones(n, length, dtype=torch.long),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
+
+
+INIT_BATCHES = [batch(10), batch(11)]
+
+
+def ctx() -> methods.PrepareContext:
+    return methods.PrepareContext(
+        head_modules=HEAD,
+        default_target_modules=TARGETS,
+        init_batches=lambda n: iter(INIT_BATCHES[:n]),
+    )
+
+
+def prepare(name: str, **overrides):
+    base = tiny_bert()
+    method = methods.get_method(name)
+    hp = method.hyperparams({"rank": RANK, **overrides} if name != "full_ft" else overrides)
+    expected = method.expected_trainable_params(base, hp, ctx())
+    model = method.prepare(copy.deepcopy(base), hp, ctx()).eval()
+    return base, model, method, hp, expected
+
+
+def logits(model, b=None) -> torch.Tensor:
+    b = b or batch(99, n=3, length=6)
+    with torch.no_grad():
+        return model(**{k: v for k, v in b.items() if k != "labels"}).logits
+
+
+def lora_layer(model, name: str = LAYER):
+    return dict(model.named_modules())["base_model.model." + name]
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+ALL = ["full_ft", "lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga"]
+
+
+def test_registry_and_hyperparameter_validation():
+    assert set(ALL) <= set(methods.method_names())
+    with pytest.raises(KeyError, match="unknown method"):
+        methods.get_method("lora_xyz")
+    lora = methods.get_method("lora")
+    with pytest.raises(ValidationError):
+        lora.hyperparams({"rank": 0})
+    with pytest.raises(ValidationError):
+        lora.hyperparams({"rnak": 4})
+    with pytest.raises(ValidationError):
+        methods.get_method("lora_plus").hyperparams({"loraplus_lr_ratio": 0.5})
+
+
+def test_default_targets_are_exactly_the_block_linears():
+    names = [n for n, _ in matching_linear_layers(tiny_bert(), TARGETS, HEAD)]
+    assert len(names) == 2 * 6
+    assert not any("pooler" in n or "classifier" in n for n in names)
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora", "lora_plus", "dora", "pissa", "lora_ga"])
+def test_initial_logits_equal_the_base_model(name):
+    base, model, *_ = prepare(name)
+    torch.testing.assert_close(logits(model), logits(base), atol=2e-5, rtol=1e-4)
+
+
+def test_lora_starts_with_zero_B_and_scaling_alpha_over_r():
+    _, model, *_ = prepare("lora", alpha=16)
+    layer = lora_layer(model)
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert layer.scaling["default"] == pytest.approx(16 / RANK)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    _, model, *_ = prepare("rslora", alpha=16)
+    scalings = [
+        m.scaling["default"]
+        for m in model.modules()
+        if isinstance(getattr(m, "scaling", None), dict)
+    ]
+    assert len(scalings) == 12
+    assert scalings == pytest.approx([16 / math.sqrt(RANK)] * 12)
+
+
+def test_pissa_residual_plus_adapter_is_W0_and_adapter_is_best_rank_r():
+    base, model, *_ = prepare("pissa")
+    for name, base_layer in matching_linear_layers(base, TARGETS, HEAD):
+        layer = lora_layer(model, name)
+        w0 = base_layer.weight.detach()
+        s = layer.scaling["default"]
+        ba = s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(layer.base_layer.weight + ba, w0, atol=1e-5, rtol=1e-5)
+        u, sv, vh = torch.linalg.svd(w0, full_matrices=False)
+        best = u[:, :RANK] @ torch.diag(sv[:RANK]) @ vh[:RANK]
+        torch.testing.assert_close(ba.detach(), best, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_magnitude_starts_at_row_norms_of_W0():
+    base, model, *_ = prepare("dora")
+    for name, base_layer in matching_linear_layers(base, TARGETS, HEAD):
+        magnitude = lora_layer(model, name).lora_magnitude_vector["default"].weight
+        # Per output unit: the DoRA paper's column norm of its (in x out) W.
+        torch.testing.assert_close(
+            magnitude.detach(), torch.linalg.vector_norm(base_layer.weight.detach(), dim=1)
+        )
+
+
+def test_dora_refuses_a_zero_row_norm():
+    base = tiny_bert()
+    with torch.no_grad():
+        dict(base.named_modules())[LAYER].weight[3].zero_()
+    method = methods.get_method("dora")
+    with pytest.raises(ValueError, match="zero norm"):
+        method.prepare(base, method.hyperparams({"rank": RANK}), ctx())
+
+
+def test_lora_plus_gives_B_ratio_times_the_lr_of_A():
+    _, model, method, hp, _ = prepare("lora_plus", loraplus_lr_ratio=16)
+    optimizer = method.build_optimizer(model, 1e-4, hp)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    a_lrs = {lr for n, lr in lr_of.items() if "lora_A" in n}
+    b_lrs = {lr for n, lr in lr_of.items() if "lora_B" in n}
+    assert a_lrs == {1e-4} and len(b_lrs) == 1 and b_lrs.pop() == pytest.approx(16e-4)
+    assert len([n for n in lr_of if "lora_" in n]) == 2 * 12  # every adapter is optimised
+
+
+def exact_gradient(name: str) -> torch.Tensor:
+    """Mean full gradient of one layer's weight over the init batches, by plain autograd."""
+    model = tiny_bert().train()
+    for b in INIT_BATCHES:
+        model(**b).loss.backward()
+    return dict(model.named_modules())[name].weight.grad / len(INIT_BATCHES)
+
+
+def projector(rows: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(rows.T.double())
+    return q @ q.T
+
+
+def test_lora_ga_adapters_span_the_top_singular_subspaces_of_the_gradient():
+    gamma = 16.0
+    _, model, *_ = prepare("lora_ga", stable_gamma=gamma, init_batches=2)
+    # 2 batches x 2 examples x 4 tokens = 16 tokens: rank(G) <= 16 = peft's sketch size 4r,
+    # so the randomized SVD is exact and subspaces can be compared tightly.
+    g = exact_gradient(LAYER).double()
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    assert (s[: 2 * RANK - 1] - s[1 : 2 * RANK]).min() > 1e-6 * s[0]  # separated spectrum
+    layer = lora_layer(model)
+    a0 = layer.lora_A["default"].weight.detach().double()
+    b0 = layer.lora_B["default"].weight.detach().double()
+    # span(A0^T) = top-r right singular space; span(B0) = left singular vectors r..2r.
+    torch.testing.assert_close(projector(a0), projector(vh[:RANK]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        projector(b0.T), projector(u[:, RANK : 2 * RANK].T), atol=1e-5, rtol=0
+    )
+    # Stable scaling: A0 rows orthonormal; B0 = U[:, r:2r] diag(S[r:2r]) m^(1/4)/sqrt(gamma).
+    torch.testing.assert_close(a0 @ a0.T, torch.eye(RANK, dtype=a0.dtype), atol=1e-5, rtol=0)
+    m = g.shape[0]
+    expected_norms = s[RANK : 2 * RANK] * m**0.25 / math.sqrt(gamma)
+    torch.testing.assert_close(b0.norm(dim=0), expected_norms, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_ga_offsets_W0_by_the_initial_product():
+    base, model, *_ = prepare("lora_ga", init_batches=2)
+    layer = lora_layer(model)
+    s = layer.scaling["default"]
+    product = s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    w0 = dict(base.named_modules())[LAYER].weight
+    torch.testing.assert_close(layer.base_layer.weight + product, w0, atol=1e-6, rtol=1e-5)
+    assert product.abs().max() > 0  # a real offset, not a zero init
+
+
+def test_full_ft_trains_every_parameter():
+    base, model, method, hp, expected = prepare("full_ft")
+    assert all(p.requires_grad for p in model.parameters())
+    assert trainable(model) == expected == sum(p.numel() for p in base.parameters())
+
+
+# Hand count for the tiny BERT (hidden 32, FFN 64, 2 layers, r = 4, 3 labels):
+# per layer q, k, v, attn-out: 4 x (32 + 32) each; FFN in 4 x (32 + 64); FFN out 4 x (64 + 32)
+# -> 4 x 256 + 384 + 384 = 1792; x 2 layers = 3584; head 32 x 3 + 3 = 99.
+# DoRA adds one magnitude per output unit: per layer 4 x 32 + 64 + 32 = 224, x 2 = 448.
+HAND_COUNTS = {"lora": 3683, "rslora": 3683, "lora_plus": 3683, "pissa": 3683, "lora_ga": 3683,
+               "dora": 3683 + 448}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HAND_COUNTS))
+def test_trainable_parameter_count_matches_formula_and_hand_count(name):
+    _, model, _, _, expected = prepare(name)
+    assert trainable(model) == expected == HAND_COUNTS[name]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert "lora_" in n or "classifier" in n, n
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merged_equals_unmerged_after_training_like_perturbation(name):
+    _, model, *_ = prepare(name)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    unmerged = logits(model)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert torch.linalg.norm(unmerged - logits(tiny_bert())) > 1e-3  # the adapter matters
+    torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_step_moves_only_what_the_method_trains(name):
+    _, model, method, hp, _ = prepare(name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = method.build_optimizer(model, 1e-2, hp)
+    model.train()
+    model(**batch(5)).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trained
+    assert any("classifier" in n for n in changed)
+    if name != "full_ft":
+        assert any("lora_" in n for n in changed)
