@@ -27,7 +27,10 @@ def _leaderboard(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     if not (out / RUNS_FILE).is_file():
         raise ConfigError(f"no {RUNS_FILE} in {out}")
-    print(format_leaderboard(write_leaderboard(out)))
+    table = format_leaderboard(write_leaderboard(out))
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
     return 0
 
 
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="rebuild and print leaderboard.parquet")
     board.add_argument("output_dir")
+    board.add_argument("--markdown", help="also write the table to this Markdown file")
     board.set_defaults(func=_leaderboard)
 
     lister = sub.add_parser("list", help="list registered methods or tasks")

@@ -210,11 +210,9 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
 
 def _data_kind(prov: dict[str, Any]) -> str:
-    """'hub', 'mirror' or 'fixture'-style label of where the rows came from."""
-    blob = json.dumps(prov, default=str)
-    if '"source": "hub"' in blob:
-        return "hub" if '"source": "mirror"' not in blob else "hub+mirror"
-    return "mirror"
+    """'hub', 'mirror' (or both, '+'-joined) from the task's per-split provenance."""
+    sources = {prov["train"]["source"], *(p["source"] for p in prov["test"].values())}
+    return "+".join(sorted(sources))
 
 
 def _majority_baseline(task, splits) -> float | None:

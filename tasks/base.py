@@ -23,7 +23,9 @@ class DataSplits:
     selection: rows the learning rate is chosen on (carved from train, disjoint from it).
     test: the reported split(s), by name (one for most tasks; MNLI has matched/mismatched).
         Never used for selection.
-    provenance: where each came from (hub or mirror path, revision, rows, fingerprint).
+    provenance: where each came from, JSON-serialisable: {"train": {...}, "test": {name:
+        {...}}, ...}, each split's dict with at least "source" ("hub" or "mirror"), "rows"
+        and "fingerprint" (plus mirror path or hub id/revision).
     """
 
     train: pd.DataFrame

@@ -1,0 +1,46 @@
+"""run_trial never raises: failures become rows with their error, checks fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+
+import methods
+from harness.config import Budget, EvalConfig, TrialSpec
+from harness.trial import run_trial
+from tests.conftest import MINILM
+
+
+def spec(data_dir: str, method: str = "lora", **budget) -> TrialSpec:
+    return TrialSpec(
+        sweep="t", method=method, method_overrides={}, task="glue/sst2", lr=1e-3, seed=0,
+        model_id=MINILM, model_revision=None,
+        budget=Budget(**{"max_steps": 2, "batch_size": 4, "max_length": 16, "train_rows": 16,
+                         "selection_rows": 8, "test_rows": 8, **budget}),
+        eval=EvalConfig(batch_size=8), data_dir=data_dir, model_dir=None,
+    )  # fmt: skip
+
+
+def test_missing_data_is_a_failed_row_with_the_reason(tmp_path):
+    row = run_trial(spec(str(tmp_path)))
+    assert row["status"] == "failed"
+    assert "FileNotFoundError" in row["error"] and "train.parquet" in row["error"]
+    assert row["key"] and row["method"] == "lora" and row["git_commit"]
+
+
+def test_trainable_count_sanity_check_fails_the_run(mirror_dir, monkeypatch):
+    lora = type(methods.get_method("lora"))
+    monkeypatch.setattr(lora, "expected_trainable_params", lambda self, m, hp, ctx: 1)
+    row = run_trial(spec(mirror_dir))
+    assert row["status"] == "failed" and "sanity check" in row["error"]
+
+
+def test_ok_row_has_costs_and_both_metric_sets(mirror_dir):
+    row = run_trial(spec(mirror_dir))
+    assert row["status"] == "ok", row.get("traceback")
+    assert row["steps"] == 2 and row["train_rows"] == 16 and row["selection_rows"] == 8
+    assert 0 <= row["selection_score"] <= 1 and 0 <= row["test_score"] <= 1
+    assert row["trainable_params"] == row["expected_trainable_params"] < row["total_params"]
+    for key in ("init_time_s", "train_time_s", "eval_time_s", "peak_memory_mb", "samples_per_s"):
+        assert row[key] > 0, key
+    assert row["majority_baseline"] == pytest.approx(row["majority_baseline"])  # not NaN
+    assert row["model_source"].startswith("pypi-package:")
