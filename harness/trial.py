@@ -145,6 +145,9 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         head_modules=loaded.head_modules,
         default_target_modules=default_target_modules(loaded.model_type),
         init_batches=init_batches if method.needs_init_batches else None,
+        learning_rate=spec.lr,
+        train_examples=len(train_rows),
+        batch_size=budget.batch_size,
     )
     expected_trainable = method.expected_trainable_params(model, hp, ctx)
     row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)

@@ -15,4 +15,14 @@ __all__ = [
 ]
 
 # Importing a method module registers it.
-from methods import dora, full_ft, lora, lora_ga, lora_plus, pissa, rslora  # noqa: E402,F401
+from methods import (  # noqa: E402,F401
+    dora,
+    full_ft,
+    lora,
+    lora_ga,
+    lora_one,
+    lora_plus,
+    lora_sb,
+    pissa,
+    rslora,
+)

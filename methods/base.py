@@ -35,11 +35,16 @@ class PrepareContext:
     init_batches: a callable returning an iterable of training batches, for methods with a
         data-informed initialisation (`Method.needs_init_batches`); it yields at most the
         number of batches the method asked for in `init_batches_wanted`.
+    learning_rate, train_examples, batch_size: the trial's training setup, for inits that
+        depend on it (LoRA-SB's simulated first step, "1/1000 of the training set").
     """
 
     head_modules: list[str]
     default_target_modules: list[str]
     init_batches: Callable[[int], Iterable[Batch]] | None = None
+    learning_rate: float | None = None  # LoRA-SB simulates the first AdamW step with it
+    train_examples: int | None = None  # so an init can use a fraction of the train set
+    batch_size: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,7 +73,7 @@ class Method:
         """Defaults merged with overrides, validated (raises pydantic.ValidationError)."""
         return self.hyperparams_cls(**dict(overrides or {}))
 
-    def init_batches_wanted(self, hp: Hyperparams) -> int:
+    def init_batches_wanted(self, hp: Hyperparams, ctx: PrepareContext | None = None) -> int:
         """How many training batches the data-informed init consumes (0 if none)."""
         return 0
 

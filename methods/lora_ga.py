@@ -1,18 +1,18 @@
 """LoRA-GA (Wang et al. 2024): adapters from the SVD of the estimated full gradient (peft).
 
-G = mean gradient of the target weights over `init_batches` training batches (peft's
-`preprocess_loraga`); svd(G) = U S V^T; direction ArB2r: A0 = V[:, :r]^T, B0 = U[:, r:2r],
-and peft 0.21 also multiplies B0 by diag(S[r:2r]); "stable" scaling multiplies B0 by
-m^(1/4)/sqrt(gamma). W0 <- W0 - s B0 A0, so training starts at the base function.
-Known gap (issue #3): peft's estimator keeps whole-model gradients and has no cross-rank
-reduction; the shared estimator will replace it.
+G = mean gradient of the target weights over `init_batches` training batches (the shared
+estimator, methods/grad_estimator.py, in place of peft's `preprocess_loraga`: float32,
+layer-wise, all-reduced across ranks); svd(G) = U S V^T (peft: svd_lowrank, q = 4r);
+direction ArB2r: A0 = V[:, :r]^T, B0 = U[:, r:2r], and peft 0.21 also multiplies B0 by
+diag(S[r:2r]); "stable" scaling multiplies B0 by m^(1/4)/sqrt(gamma).
+W0 <- W0 - s B0 A0, so training starts at the base function.
 """
 
-from peft import LoraConfig, LoraGAConfig, get_peft_model
-from peft.tuners.lora.loraga import preprocess_loraga
+from peft import LoraGAConfig, get_peft_model
 from pydantic import Field
 
-from methods.peft_lora import LoraHyperparams, PeftLoraMethod
+from methods.grad_estimator import layer_gradients
+from methods.peft_lora import LoraHyperparams, PeftLoraMethod, matching_linear_layers
 from methods.registry import register_method
 
 B_CONVENTION = "peft-0.21: B0 = U[:, r:2r] diag(S[r:2r]) * m^(1/4)/sqrt(gamma); A0 = V[:, :r]^T"
@@ -30,7 +30,7 @@ class LoraGa(PeftLoraMethod):
     hyperparams_cls = LoraGaHyperparams
     needs_init_batches = True
 
-    def init_batches_wanted(self, hp):
+    def init_batches_wanted(self, hp, ctx=None):
         return hp.init_batches
 
     def extra_lora_kwargs(self, hp):
@@ -44,14 +44,13 @@ class LoraGa(PeftLoraMethod):
     def prepare(self, model, hp, ctx):
         if ctx.init_batches is None:
             raise ValueError("lora_ga needs training batches for its gradient estimate")
-        config: LoraConfig = self.lora_config(hp, ctx)
-
-        def accumulate_gradients() -> None:
-            for batch in ctx.init_batches(hp.init_batches):
-                model(**batch).loss.backward()
-
-        preprocess_loraga(model, config, accumulate_gradients)
-        return get_peft_model(model, config)
+        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
+        grads = layer_gradients(model, layers, ctx.init_batches(hp.init_batches))
+        for name in grads:
+            # peft's lora_ga_init reads the estimate from here (what preprocess_loraga sets);
+            # ours is all-reduced across ranks and accumulated layer-wise in float32.
+            layers[name]._peft_loraga_grad = grads.pop_mean(name)
+        return get_peft_model(model, self.lora_config(hp, ctx))
 
     def resolved_config(self, hp, ctx):
         return {**super().resolved_config(hp, ctx), "b_convention": B_CONVENTION}

@@ -45,6 +45,15 @@ def matching_linear_layers(
     return found
 
 
+def check_rank_fits(layers: dict[str, nn.Linear], rank: int) -> None:
+    for name, layer in layers.items():
+        if rank > min(layer.in_features, layer.out_features):
+            raise ValueError(
+                f"rank {rank} exceeds min(out, in) = "
+                f"{min(layer.in_features, layer.out_features)} of layer {name}"
+            )
+
+
 def head_param_count(model: nn.Module, head_modules: list[str]) -> int:
     modules = dict(model.named_modules())
     return sum(p.numel() for h in head_modules for p in modules[h].parameters())

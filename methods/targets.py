@@ -3,29 +3,35 @@
 Encoders: every linear layer of each transformer block (attention q/k/v/output, FFN in/out),
 as LoRA-SB and LoRA-GA use on RoBERTa/T5; the pooler and the task head are not targets.
 Decoders: the seven projections the SDS-LoRA/LoRA-SB papers adapt (q,k,v,o,gate,up,down).
+
+Keys follow peft's matching rule (a module matches when its name equals the key or ends in
+"." + key). The module names are those of transformers 5.23, checked in
+tests/test_methods.py on tiny random models of each family: every key list matches exactly
+the linear layers inside the blocks (6 per encoder block, 7 per decoder block, 8 or 9 per T5
+block), never a pooler, classifier or LM head. transformers 5 renamed ViT's layers
+(`attention.q_proj` ... `mlp.fc2`), so ViT no longer shares BERT's names.
 """
 
 from __future__ import annotations
 
-_ENCODER_BLOCK = [
+_BERT_BLOCK = [
     "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
 ]  # fmt: skip
 _DECODER_BLOCK = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": _ENCODER_BLOCK,
-    "roberta": _ENCODER_BLOCK,
-    "xlm-roberta": _ENCODER_BLOCK,
-    "vit": _ENCODER_BLOCK,
+    "bert": _BERT_BLOCK,
+    "roberta": _BERT_BLOCK,
+    "xlm-roberta": _BERT_BLOCK,
     "deberta-v2": [
-        "query_proj",
-        "key_proj",
-        "value_proj",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
+        "query_proj", "key_proj", "value_proj",
+        "attention.output.dense", "intermediate.dense", "output.dense",
     ],  # fmt: skip
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+    # T5 FFN: `wi`/`wo` (ReLU) or `wi_0`/`wi_1`/`wo` (gated variants, T5 v1.1 / flan).
     "t5": ["q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"],
+    # SmolLM reports model_type "llama".
     "llama": _DECODER_BLOCK,
     "mistral": _DECODER_BLOCK,
     "gemma": _DECODER_BLOCK,
@@ -36,6 +42,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 
 def default_target_modules(model_type: str) -> list[str]:
+    """The target-module keys for a model family (a fresh list the caller may modify)."""
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(
             f"no default target modules for model type {model_type!r}; set the method's "

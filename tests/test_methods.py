@@ -47,6 +47,7 @@ def ctx() -> methods.PrepareContext:
         head_modules=HEAD,
         default_target_modules=TARGETS,
         init_batches=lambda n: iter(INIT_BATCHES[:n]),
+        learning_rate=1e-3,
     )
 
 
@@ -73,7 +74,7 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-ALL = ["full_ft", "lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga"]
+ALL = ["full_ft", "lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga", "lora_one", "lora_sb"]
 
 
 def test_registry_and_hyperparameter_validation():
@@ -259,3 +260,5 @@ def test_one_step_moves_only_what_the_method_trains(name):
     assert any("classifier" in n for n in changed)
     if name != "full_ft":
         assert any("lora_" in n for n in changed)
+    if name == "lora_sb":
+        assert all(n.endswith("lora_R") or "classifier" in n for n in trained)

@@ -76,3 +76,34 @@ def test_smoke_sweep_writes_both_parquet_files_and_leaderboard_reproduces(
     assert main(["sweep", str(config)]) == 0
     assert "0 trials to run (4 already done)" in capsys.readouterr().out
     pd.testing.assert_frame_equal(runs, pd.read_parquet(out / "runs.parquet"))
+
+
+def test_smoke_sweep_data_informed_methods_on_a_regression_task(tmp_path: Path, mirror_dir: str):
+    out = tmp_path / "out"
+    config = tmp_path / "smoke.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "smoke-data-informed",
+                "model": {"id": MINILM},
+                "tasks": ["glue/stsb"],
+                "methods": {
+                    "lora_one": {"lrs": [1e-3], "overrides": {"init_batches": 2}},
+                    "lora_sb": {"lrs": [1e-3], "overrides": {"rank": 8}},
+                    "lora_ga": {"lrs": [1e-3], "overrides": {"init_batches": 2}},
+                },
+                "seeds": [0],
+                "budget": {"max_steps": 3, "batch_size": 8, "max_length": 32, "train_rows": 64,
+                           "selection_rows": 32, "test_rows": 32},
+                "output_dir": str(out),
+                "data_dir": mirror_dir,
+            }
+        )
+    )  # fmt: skip
+    assert main(["sweep", str(config)]) == 0
+    runs = pd.read_parquet(out / "runs.parquet").set_index("method")
+    assert set(runs.index) == {"lora_one", "lora_sb", "lora_ga"}
+    assert (runs["status"] == "ok").all(), runs["error"]
+    assert (runs["init_time_s"] > 0).all() and runs["test_metric"].eq("pearson").all()
+    assert runs.loc["lora_sb", "trainable_params"] == 36 * 8 * 8 + 384 + 1  # R per layer + head
+    assert json.loads(runs.loc["lora_sb", "method_config"])["init_eta_used"] == 1e-3

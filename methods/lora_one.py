@@ -1,0 +1,87 @@
+"""LoRA-One (Zhang et al. 2025, arXiv 2502.01235): spectral init from one full-gradient step.
+
+G = mean gradient over `init_batches` batches (official YuanheZ/LoRA-One: batch 1 x 8,
+fp32); svd_r(-G) = U_r S_r V_r^T; B0 = U_r S_r^(1/2) / sqrt(S_1), A0 = S_r^(1/2) V_r^T /
+sqrt(S_1) (S_1 the top singular value), then "stable" scaling divides both by sqrt(gamma)
+(official default 128). No weight offset: training starts at
+W0 + s B0 A0 = W0 - s/(gamma S_1) svd_r(G), a spectral approximation of one gradient step.
+B0 and A0 are balanced (B0^T B0 = A0 A0^T).
+
+Optimizer: the official training uses AdamW (our default, `optimizer: adamw`). The paper's
+algorithm preconditions B's gradient by (A A^T + lambda I)^-1 and A's by
+(B^T B + lambda I)^-1; `precond_sgd` (the paper's algorithm) and `precond_adamw` reuse peft's
+Riemannian optimizer, which applies exactly these r x r damped preconditioners before the
+base optimizer's step (damping = `precond_damping`).
+The result is a plain peft LoRA adapter: it saves, loads and merges as one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from peft import get_peft_model
+from peft.optimizers import create_riemannian_optimizer
+from pydantic import Field
+
+from methods.grad_estimator import layer_gradients
+from methods.lora_sb import truncated_svd
+from methods.peft_lora import (
+    LoraHyperparams,
+    PeftLoraMethod,
+    check_rank_fits,
+    matching_linear_layers,
+)
+from methods.registry import register_method
+
+
+class LoraOneHyperparams(LoraHyperparams):
+    init_batches: int = Field(8, gt=0, description="batches the one-step gradient averages")
+    stable_gamma: float = Field(128.0, gt=0, description="stable scaling gamma (official 128)")
+    optimizer: Literal["adamw", "precond_sgd", "precond_adamw"] = "adamw"
+    precond_damping: float = Field(1e-2, gt=0, description="lambda in (X + lambda I)^-1")
+    svd_niter: int | None = Field(None, gt=0, description="randomized SVD iters; None = exact")
+
+
+def lora_one_factors(grad: torch.Tensor, rank: int, gamma: float, niter: int | None = None):
+    """(B0, A0) from the mean gradient G, as the paper and the official code define them."""
+    u, s, vh = truncated_svd(-grad, rank, niter)
+    root = torch.sqrt(s / s[0])  # S_r^(1/2) / sqrt(S_1)
+    scale = gamma**-0.5
+    return u * root * scale, root[:, None] * vh * scale
+
+
+@register_method("lora_one")
+class LoraOne(PeftLoraMethod):
+    description = "LoRA-One: spectral init from the one-step full gradient, no offset"
+    hyperparams_cls = LoraOneHyperparams
+    needs_init_batches = True
+
+    def init_batches_wanted(self, hp, ctx=None):
+        return hp.init_batches
+
+    def prepare(self, model, hp: LoraOneHyperparams, ctx):
+        if ctx.init_batches is None:
+            raise ValueError("lora_one needs training batches for its one-step gradient")
+        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
+        check_rank_fits(layers, hp.rank)
+        grads = layer_gradients(model, layers, ctx.init_batches(hp.init_batches))
+        factors = {
+            name: lora_one_factors(grads.pop_mean(name), hp.rank, hp.stable_gamma, hp.svd_niter)
+            for name in grads
+        }
+        model = get_peft_model(model, self.lora_config(hp, ctx))
+        with torch.no_grad():
+            for name, (b0, a0) in factors.items():
+                layer = model.base_model.model.get_submodule(name)
+                layer.lora_B["default"].weight.copy_(b0)
+                layer.lora_A["default"].weight.copy_(a0)
+        return model
+
+    def build_optimizer(self, model, lr, hp: LoraOneHyperparams, weight_decay=0.0):
+        if hp.optimizer == "adamw":
+            return super().build_optimizer(model, lr, hp, weight_decay)
+        base = torch.optim.SGD if hp.optimizer == "precond_sgd" else torch.optim.AdamW
+        return create_riemannian_optimizer(
+            model, base, lr=lr, reg=hp.precond_damping, weight_decay=weight_decay
+        )

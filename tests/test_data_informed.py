@@ -1,0 +1,258 @@
+"""The shared gradient estimator, LoRA-One and LoRA-SB (specs/methods.md, issue #3)."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import methods
+from methods import lora_xs
+from methods.grad_estimator import layer_gradients
+from methods.lora_one import lora_one_factors
+from methods.peft_lora import matching_linear_layers
+from tests.test_methods import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
+
+INIT = [batch(20), batch(21), batch(22)]
+LR = 1e-3
+
+
+def ctx(batches=INIT, lr=LR) -> methods.PrepareContext:
+    return methods.PrepareContext(
+        head_modules=HEAD,
+        default_target_modules=TARGETS,
+        init_batches=lambda n: iter(batches[:n]),
+        learning_rate=lr,
+        train_examples=1000,
+        batch_size=2,
+    )
+
+
+def autograd_sum(batches, name: str = LAYER) -> torch.Tensor:
+    model = tiny_bert().train()
+    for b in batches:
+        model(**b).loss.backward()
+    return model.get_submodule(name).weight.grad.clone()
+
+
+# ---------------------------------------------------------------- shared estimator
+
+
+def test_hooked_layer_gradients_equal_autograd_and_leave_no_trace():
+    model = tiny_bert()
+    layers = dict(matching_linear_layers(model, TARGETS, HEAD))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = layer_gradients(model, layers, iter(INIT))
+    assert grads.batches == 3 and set(grads.names()) == set(layers)
+    reference = tiny_bert().train()
+    for b in INIT:
+        reference(**b).loss.backward()
+    for name in list(grads):
+        expected = reference.get_submodule(name).weight.grad
+        torch.testing.assert_close(grads.pop_sum(name), expected, atol=1e-6, rtol=1e-5)
+    assert not grads.sums  # consumed layer by layer
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training  # eval mode restored
+
+
+def _rank_init(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        own = INIT[rank::world]  # each rank sees different batches
+        results = {}
+        for name in ("lora_sb", "lora_one"):
+            method = methods.get_method(name)
+            hp = method.hyperparams({"rank": 4, "init_batches": len(own)})
+            model = method.prepare(tiny_bert(), hp, ctx(own))
+            results[name] = {
+                n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n
+            } | {n: b.clone() for n, b in model.named_buffers() if "lora_" in n}
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_different_batches_initialise_identically():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_init, args=(2, f"{tmp}/rendezvous", tmp), nprocs=2, join=True)
+        rank0, rank1 = (torch.load(f"{tmp}/rank{r}.pt") for r in (0, 1))
+    for name in ("lora_sb", "lora_one"):
+        assert rank0[name].keys() == rank1[name].keys() and rank0[name]
+        for key in rank0[name]:
+            torch.testing.assert_close(rank0[name][key], rank1[name][key], atol=0, rtol=0)
+    # And it is the init a single process gets from all the batches together.
+    method = methods.get_method("lora_sb")
+    hp = method.hyperparams({"rank": 4, "init_batches": 3})
+    single = method.prepare(tiny_bert(), hp, ctx(INIT[0::2] + INIT[1::2]))
+    key = next(k for k in rank0["lora_sb"] if k.endswith("lora_R"))
+    torch.testing.assert_close(
+        single.get_parameter(key), rank0["lora_sb"][key], atol=1e-5, rtol=1e-4
+    )
+
+
+# ---------------------------------------------------------------- LoRA-SB
+
+
+def prepare_sb(rank: int = 4, scaling: float = 1.0):
+    method = methods.get_method("lora_sb")
+    hp = method.hyperparams({"rank": rank, "scaling": scaling, "init_batches": 3})
+    base = tiny_bert()
+    expected = method.expected_trainable_params(base, hp, ctx())
+    return base, method.prepare(copy.deepcopy(base), hp, ctx()).eval(), expected
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.5])
+def test_lora_sb_bases_orthonormal_and_product_is_best_rank_r_of_first_step(scaling):
+    _, model, _ = prepare_sb(scaling=scaling)
+    layer = model.get_submodule(LAYER)
+    b, a = layer.lora_B, layer.lora_A
+    torch.testing.assert_close(b.T @ b, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    update = -LR * torch.sign(autograd_sum(INIT))  # the simulated first AdamW step
+    u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    torch.testing.assert_close(layer.delta_weight().double(), best, atol=1e-7, rtol=1e-4)
+
+
+def test_lora_sb_trains_only_R_and_the_head_with_the_right_count():
+    base, model, expected = prepare_sb()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith("lora_R") or n.startswith("classifier") for n in trainable)
+    assert sum(model.get_parameter(n).numel() for n in trainable) == expected
+    assert expected == 12 * 4 * 4 + (32 * 3 + 3)
+
+
+def test_lora_sb_gradient_of_R_is_s_Bt_G_At():
+    scaling = 2.0
+    _, model, _ = prepare_sb(scaling=scaling)
+    layer = model.get_submodule(LAYER)
+    b = batch(7)
+    model.train()
+    model(**b).loss.backward()
+    # G = dL/dW at the effective weight W0 + s B R A, from an equivalent plain model.
+    plain = lora_xs.merge_and_unload(copy.deepcopy(model))
+    plain.zero_grad()
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    plain(**b).loss.backward()
+    g = plain.get_submodule(LAYER).weight.grad
+    expected = scaling * layer.lora_B.T @ g @ layer.lora_A.T
+    torch.testing.assert_close(layer.lora_R.grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_sb_save_load_is_exact_and_merge_matches(tmp_path):
+    _, model, _ = prepare_sb()
+    with torch.no_grad():
+        for layer in lora_xs.adapter_layers(model).values():
+            layer.lora_R.add_(torch.randn_like(layer.lora_R) * 1e-2)  # "trained"
+    lora_xs.save_adapter(model, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    restored = lora_xs.load_adapter(tiny_bert(), tmp_path).eval()
+    restored.classifier.load_state_dict(model.classifier.state_dict())  # the head trains too
+    assert torch.equal(logits(restored), logits(model))
+    merged = lora_xs.merge_and_unload(copy.deepcopy(model))
+    assert not lora_xs.adapter_layers(merged)
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=1e-4)
+    assert (logits(merged) - logits(tiny_bert())).abs().max() > 1e-4  # the adapter matters
+
+
+# ---------------------------------------------------------------- LoRA-One
+
+
+def test_lora_one_initial_product_is_the_spectral_one_step_term():
+    gamma, rank = 128.0, 4
+    method = methods.get_method("lora_one")
+    hp = method.hyperparams({"rank": rank, "init_batches": 3, "stable_gamma": gamma})
+    base = tiny_bert()
+    model = method.prepare(copy.deepcopy(base), hp, ctx())
+    layer = model.base_model.model.get_submodule(LAYER)
+    b0, a0 = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+    s = layer.scaling["default"]
+    g = autograd_sum(INIT).double() / 3
+    u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    svd_r = (u[:, :rank] * sv[:rank]) @ vh[:rank]
+    expected = -(s / (gamma * sv[0])) * svd_r
+    torch.testing.assert_close((s * b0 @ a0).double(), expected, atol=1e-8, rtol=1e-4)
+    torch.testing.assert_close(b0.T @ b0, a0 @ a0.T, atol=1e-7, rtol=1e-4)  # balanced
+    # No offset: the base weight is untouched, so the model starts off the base function.
+    torch.testing.assert_close(layer.base_layer.weight, base.get_submodule(LAYER).weight)
+
+
+def test_lora_one_factors_on_a_known_matrix():
+    torch.manual_seed(0)
+    g = torch.randn(6, 5, dtype=torch.float64)
+    b0, a0 = lora_one_factors(g, rank=2, gamma=4.0)
+    u, s, vh = torch.linalg.svd(-g, full_matrices=False)
+    torch.testing.assert_close(b0 @ a0, (u[:, :2] * s[:2]) @ vh[:2] / (4.0 * s[0]))
+
+
+class Toy(nn.Module):
+    """A 2-layer regression model with the `model(**batch).loss` interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 1)
+
+    def forward(self, x, labels):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return SimpleNamespace(loss=((out.squeeze(-1) - labels) ** 2).mean(), logits=out)
+
+
+def test_one_preconditioned_step_equals_the_hand_formula():
+    g = torch.Generator().manual_seed(4)
+    data = [{"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}]
+    method = methods.get_method("lora_one")
+    hp = method.hyperparams(
+        {"rank": 2, "init_batches": 1, "optimizer": "precond_sgd", "precond_damping": 0.1,
+         "target_modules": ["fc1"]}
+    )  # fmt: skip
+    toy_ctx = methods.PrepareContext([], ["fc1"], init_batches=lambda n: iter(data))
+    model = method.prepare(Toy(), hp, toy_ctx)
+    lr = 0.05
+    optimizer = method.build_optimizer(model, lr, hp)
+    step = {"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}
+    model(**step).loss.backward()
+    layer = model.base_model.model.fc1
+    a, b = (
+        layer.lora_A["default"].weight.detach().clone(),
+        layer.lora_B["default"].weight.detach().clone(),
+    )
+    ga, gb = (
+        layer.lora_A["default"].weight.grad.clone(),
+        layer.lora_B["default"].weight.grad.clone(),
+    )
+    eye = torch.eye(2)
+    expected_a = a - lr * torch.linalg.inv(b.T @ b + 0.1 * eye) @ ga
+    expected_b = b - lr * gb @ torch.linalg.inv(a @ a.T + 0.1 * eye)
+    optimizer.step()
+    torch.testing.assert_close(
+        layer.lora_A["default"].weight.detach(), expected_a, atol=1e-6, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        layer.lora_B["default"].weight.detach(), expected_b, atol=1e-6, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["lora_one", "lora_sb"])
+def test_registered_with_paper_defaults(name):
+    hp = methods.get_method(name).hyperparams({})
+    if name == "lora_one":
+        assert hp.stable_gamma == 128 and hp.optimizer == "adamw" and hp.precond_damping == 1e-2
+    else:
+        assert hp.init_fraction == 0.001 and hp.scaling == 1.0
+        assert methods.get_method(name).init_batches_wanted(hp, ctx()) == 1  # 1000 x 1e-3 / 2
+
+
+def test_rank_above_layer_size_is_refused_clearly():
+    method = methods.get_method("lora_sb")
+    with pytest.raises(ValueError, match="rank 64 exceeds"):
+        method.prepare(tiny_bert(), method.hyperparams({"rank": 64, "init_batches": 1}), ctx())
