@@ -49,9 +49,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from harness.bench import bench_train_step
+    from harness.bench import bench_init_cost, bench_train_step
 
-    bench_train_step(steps=args.steps, repeats=args.repeats, method=args.method)
+    if args.init:
+        bench_init_cost()
+    else:
+        bench_train_step(steps=args.steps, repeats=args.repeats, method=args.method)
     return 0
 
 
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=30)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--method", default="lora")
+    bench.add_argument(
+        "--init", action="store_true", help="init cost of lora_ga / lora_one / lora_sb instead"
+    )
     bench.set_defaults(func=_bench)
     return parser
 

@@ -3,8 +3,9 @@
 G = mean gradient over `init_batches` batches (official YuanheZ/LoRA-One: batch 1 x 8,
 fp32); svd_r(-G) = U_r S_r V_r^T; B0 = U_r S_r^(1/2) / sqrt(S_1), A0 = S_r^(1/2) V_r^T /
 sqrt(S_1) (S_1 the top singular value), then "stable" scaling divides both by sqrt(gamma)
-(official default 128). No weight offset: training starts at
-W0 + s B0 A0 = W0 - s/(gamma S_1) svd_r(G), a spectral approximation of one gradient step.
+(official default 128). By default no weight offset:
+training starts at W0 + s B0 A0 = W0 - s/(gamma S_1) svd_r(G), a spectral approximation of
+one gradient step (`weight_shift: true` subtracts s B0 A0 from W0 instead, LoRA-GA style).
 B0 and A0 are balanced (B0^T B0 = A0 A0^T).
 
 Optimizer: the official training uses AdamW (our default, `optimizer: adamw`). The paper's
@@ -41,6 +42,9 @@ class LoraOneHyperparams(LoraHyperparams):
     optimizer: Literal["adamw", "precond_sgd", "precond_adamw"] = "adamw"
     precond_damping: float = Field(1e-2, gt=0, description="lambda in (X + lambda I)^-1")
     svd_niter: int | None = Field(None, gt=0, description="randomized SVD iters; None = exact")
+    weight_shift: bool = Field(
+        False, description="W0 <- W0 - s B0 A0 so training starts at the base function"
+    )
 
 
 def lora_one_factors(grad: torch.Tensor, rank: int, gamma: float, niter: int | None = None):
@@ -76,6 +80,9 @@ class LoraOne(PeftLoraMethod):
                 layer = model.base_model.model.get_submodule(name)
                 layer.lora_B["default"].weight.copy_(b0)
                 layer.lora_A["default"].weight.copy_(a0)
+                if hp.weight_shift:
+                    weight = layer.base_layer.weight
+                    weight -= (layer.scaling["default"] * b0 @ a0).to(weight.dtype)
         return model
 
     def build_optimizer(self, model, lr, hp: LoraOneHyperparams, weight_decay=0.0):

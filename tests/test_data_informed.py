@@ -186,6 +186,18 @@ def test_lora_one_initial_product_is_the_spectral_one_step_term():
     torch.testing.assert_close(layer.base_layer.weight, base.get_submodule(LAYER).weight)
 
 
+def test_lora_one_weight_shift_starts_at_the_base_function():
+    method = methods.get_method("lora_one")
+    hp = method.hyperparams({"rank": 4, "init_batches": 3, "weight_shift": True})
+    base = tiny_bert()
+    model = method.prepare(copy.deepcopy(base), hp, ctx()).eval()
+    torch.testing.assert_close(logits(model), logits(base), atol=2e-5, rtol=1e-4)
+    unshifted = method.prepare(
+        tiny_bert(), method.hyperparams({"rank": 4, "init_batches": 3}), ctx()
+    )
+    assert (logits(unshifted.eval()) - logits(base)).abs().max() > 1e-6  # the default moves
+
+
 def test_lora_one_factors_on_a_known_matrix():
     torch.manual_seed(0)
     g = torch.randn(6, 5, dtype=torch.float64)
