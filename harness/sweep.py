@@ -19,7 +19,7 @@ import pandas as pd
 from harness import provenance
 from harness.config import SweepConfig, TrialSpec, expand
 from harness.results import append_runs, format_leaderboard, read_runs, write_leaderboard
-from harness.trial import STATUS_FAILED, run_trial
+from harness.trial import STATUS_FAILED, base_row, run_trial
 
 
 def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
@@ -38,19 +38,7 @@ def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
 
 def _crash_row(spec: TrialSpec, error: str) -> dict[str, Any]:
     """A trial whose worker died before reporting (OOM-kill, segfault) is still a row."""
-    return {
-        "key": spec.key(),
-        "sweep": spec.sweep,
-        "status": STATUS_FAILED,
-        "error": error,
-        "method": spec.method,
-        "task": spec.task,
-        "model_id": spec.model_id,
-        "seed": spec.seed,
-        "lr": spec.lr,
-        "budget": spec.budget.model_dump_json(),
-        "git_commit": provenance.git_commit(),
-    }
+    return base_row(spec, status=STATUS_FAILED, error=error)
 
 
 def _make_callback(out_dir: Path, specs: list[TrialSpec]):

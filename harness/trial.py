@@ -58,14 +58,13 @@ def _evaluate(task, model, loader, labels: np.ndarray, device) -> dict[str, floa
     return task.metrics(task.predictions(predict(model, loader, device)), labels)
 
 
-def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
-    spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
-    started = time.perf_counter()
-    row: dict[str, Any] = {
+def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[str, Any]:
+    """The identity and provenance columns every row has, whatever happened."""
+    return {
         "key": spec.key(),
         "sweep": spec.sweep,
-        "status": STATUS_OK,
-        "error": "",
+        "status": status,
+        "error": error,
         "method": spec.method,
         "task": spec.task,
         "model_id": spec.model_id,
@@ -76,6 +75,12 @@ def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
         "git_commit": provenance.git_commit(),
         "packages": json.dumps(provenance.package_versions(), sort_keys=True),
     }
+
+
+def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
+    spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
+    started = time.perf_counter()
+    row = base_row(spec)
     try:
         _run(spec, row)
     except Diverged as err:
