@@ -68,6 +68,9 @@ class EvalConfig(_Strict):
     every_steps: int | None = Field(
         None, gt=0, description="also evaluate the selection split every N steps (curves)"
     )
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="generative tasks: decoding cap (None = the task's protocol)"
+    )
 
 
 class Resources(_Strict):
@@ -101,6 +104,9 @@ class SweepConfig(_Strict):
         return self.model_dir or os.environ.get(MODEL_DIR_ENV) or None
 
 
+_LATER_OPTIONS = (("eval", "max_new_tokens"),)
+
+
 class TrialSpec(BaseModel):
     """Everything one trial needs; plain data so it crosses to Ray workers as a dict."""
 
@@ -123,6 +129,11 @@ class TrialSpec(BaseModel):
     def key(self) -> str:
         """Content key: identical specs (same data location aside) share results."""
         payload = self.model_dump(exclude={"sweep", "data_dir", "model_dir", "threads"})
+        # Options added after results were published count only when set, so the keys of
+        # existing runs (and with them resumption) stay valid.
+        for section, option in _LATER_OPTIONS:
+            if payload[section].get(option) is None:
+                payload[section].pop(option, None)
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

