@@ -35,6 +35,12 @@ def make_loader(rows, collate, batch_size: int, shuffle: bool, seed: int = 0) ->
     )
 
 
+def item_record(predictions: np.ndarray, labels: np.ndarray, regression: bool) -> dict:
+    if regression:
+        return {"pred": np.round(predictions, 5).tolist(), "label": labels.tolist()}
+    return {"pred": predictions.astype(int).tolist(), "label": labels.astype(int).tolist()}
+
+
 @dataclass
 class Pipeline:
     """A loaded model plus the train rows, batching and split evaluators of one trial."""
@@ -43,8 +49,9 @@ class Pipeline:
     train_rows: list[Any]
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     evaluators: dict[str, Callable[[], dict[str, float]]]  # "selection", "test/<name>"
-    # Per-item correctness of the last evaluation of each split (for paired statistics).
-    items: dict[str, list] = field(default_factory=dict)
+    # Per-item outcomes of the last evaluation of each split (for paired statistics):
+    # {"pred": [...], "label": [...]} or, for generative tasks, {"correct": [...]}.
+    items: dict[str, dict[str, list]] = field(default_factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -109,12 +116,8 @@ def _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device
 
         def run() -> dict[str, float]:
             predictions = task.predictions(predict(loaded.model, loader, device))
-            # Per item, in a fixed order: correctness, or the prediction for regression.
-            pipeline.items[name] = (
-                np.round(predictions, 4).tolist()
-                if task.head == "regression"
-                else (predictions == labels).tolist()
-            )
+            # Per item, in a fixed order, for paired comparisons between methods.
+            pipeline.items[name] = item_record(predictions, labels, task.head == "regression")
             return task.metrics(predictions, labels)
 
         return run
@@ -170,7 +173,7 @@ def _causal_lm_pipeline(
                 device=device,
             )
             metrics, correct = task.score(texts, df)
-            pipeline.items[name] = correct
+            pipeline.items[name] = {"correct": correct}
             return metrics
 
         return run

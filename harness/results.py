@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.stats import ci95, paired_bootstrap
+
 RUNS_FILE = "runs.parquet"
+REFERENCE = "lora"  # every method is compared with plain LoRA, paired by seed and item
 LEADERBOARD_FILE = "leaderboard.parquet"
 
 # Columns every runs.parquet has, in this order (missing values are null); see README.
@@ -26,14 +29,16 @@ RUN_COLUMNS = [
     "peak_memory_mb", "peak_memory_kind", "steps", "samples_per_s", "tokens_per_s",
     "final_train_loss", "selection_metric", "selection_score", "selection_metrics",
     "test_metric", "test_score", "test_metrics", "majority_baseline", "loss_curve",
-    "eval_curve", "packages", "git_commit", "hostname", "device", "threads", "started_at",
-    "traceback",
+    "eval_curve", "test_items", "packages", "git_commit", "hostname", "device", "threads",
+    "started_at", "traceback",
 ]  # fmt: skip
 
 LEADERBOARD_COLUMNS = [
-    "method", "task", "model_id", "test_metric", "test_mean", "test_std", "n_seeds",
-    "chosen_lr", "selection_metric", "selection_mean", "lrs_tried", "n_runs", "n_failed",
-    "n_diverged", "majority_baseline", "test_metrics_mean", "trainable_params",
+    "method", "task", "model_id", "test_metric", "test_mean", "test_std", "test_ci_low",
+    "test_ci_high", "n_seeds", "chosen_lr", "vs_lora_delta", "vs_lora_ci_low",
+    "vs_lora_ci_high", "vs_lora_within_noise", "selection_metric", "selection_mean",
+    "lrs_tried", "n_runs", "n_failed", "n_diverged", "majority_baseline", "test_metrics_mean",
+    "trainable_params",
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
     "git_commit", "device",
@@ -139,6 +144,7 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
                 selection_mean=float(by_lr.max()),
                 test_mean=float(best["test_score"].mean()),
                 test_std=float(best["test_score"].std(ddof=1)) if len(best) > 1 else float("nan"),
+                **dict(zip(("test_ci_low", "test_ci_high"), ci95(best["test_score"]), strict=True)),
                 n_seeds=len(best),
                 seeds=json.dumps(sorted(int(s) for s in best["seed"])),
                 majority_baseline=float(best["majority_baseline"].mean()),
@@ -156,6 +162,7 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
             row.update(n_seeds=0)
         rows.append(row)
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    _compare_with_reference(runs, board)
     if len(board):
         board = board.sort_values(
             ["task", "test_mean"], ascending=[True, False], na_position="last"
@@ -163,10 +170,75 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
+def _headline_items(run: pd.Series) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The per-item outcomes of a run's headline test split, or None if not recorded."""
+    if pd.isna(run.get("test_items")) or not run["test_items"]:
+        return None
+    items = json.loads(run["test_items"])
+    split = run["test_metric"].split("/")[0] if "/" in run["test_metric"] else None
+    key = f"test/{split}" if split else (next(iter(items)) if len(items) == 1 else None)
+    if key not in items:
+        return None
+    record = items[key]
+    if "correct" in record:
+        return np.asarray(record["correct"], dtype=float), None
+    return np.asarray(record["pred"]), np.asarray(record["label"])
+
+
+def _metric_fn(task_id: str, metric: str):
+    """Recomputes the headline metric on a resample of items."""
+    name = metric.split("/")[-1]
+
+    def score(predictions: np.ndarray, labels: np.ndarray | None) -> float:
+        if labels is None:  # per-item correctness
+            return float(predictions.mean())
+        import tasks
+
+        return tasks.get_task(task_id).metrics(predictions, labels)[name]
+
+    return score
+
+
+def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = REFERENCE):
+    """Paired bootstrap of each method against `ref` at both chosen LRs, same seeds/items."""
+    for col in ("vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"):
+        board[col] = board[col].astype("float64")
+    board["vs_lora_within_noise"] = board["vs_lora_within_noise"].astype("boolean")
+    chosen = {(r.method, r.task): r.chosen_lr for r in board.itertuples()}
+    ok = runs[runs["status"] == "ok"]
+    for i, row in board.iterrows():
+        ref_lr = chosen.get((ref, row["task"]))
+        if row["method"] == ref or pd.isna(row["chosen_lr"]) or ref_lr is None or pd.isna(ref_lr):
+            continue
+        mine = ok[(ok["method"] == row["method"]) & (ok["task"] == row["task"])]
+        theirs = ok[(ok["method"] == ref) & (ok["task"] == row["task"])]
+        mine = mine[mine["lr"] == row["chosen_lr"]].set_index("seed")
+        theirs = theirs[theirs["lr"] == ref_lr].set_index("seed")
+        seeds = sorted(set(mine.index) & set(theirs.index))
+        a = [_headline_items(mine.loc[s]) for s in seeds]
+        b = [_headline_items(theirs.loc[s]) for s in seeds]
+        if not seeds or any(x is None for x in a + b):
+            continue  # runs from before per-item outcomes were recorded
+        result = paired_bootstrap(a, b, _metric_fn(row["task"], row["test_metric"]))
+        board.loc[i, ["vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"]] = [
+            result["delta"],
+            result["ci_low"],
+            result["ci_high"],
+        ]
+        board.loc[i, "vs_lora_within_noise"] = result["within_noise"]
+
+
 def write_leaderboard(out_dir: str | Path) -> pd.DataFrame:
     board = build_leaderboard(read_runs(out_dir))
     atomic_write_parquet(board, Path(out_dir) / LEADERBOARD_FILE)
     return board
+
+
+def _vs_lora(row) -> str:
+    if pd.isna(row.vs_lora_delta):
+        return "-"
+    noise = " (noise)" if row.vs_lora_within_noise else ""
+    return f"{row.vs_lora_delta:+.3f}{noise}"
 
 
 def format_leaderboard(board: pd.DataFrame) -> str:
@@ -181,6 +253,11 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             "metric": board["test_metric"],
             "test mean": board["test_mean"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
             "± std": board["test_std"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
+            "95% CI": [
+                f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "-"
+                for lo, hi in zip(board["test_ci_low"], board["test_ci_high"], strict=True)
+            ],
+            "vs lora": [_vs_lora(r) for r in board.itertuples()],
             "seeds": board["n_seeds"],
             "lr": board["chosen_lr"].map(lambda v: f"{v:.0e}" if pd.notna(v) else "-"),
             "select": board["selection_mean"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
