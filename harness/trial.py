@@ -20,7 +20,7 @@ import torch
 
 import methods
 import tasks
-from harness import memory, provenance
+from harness import memory, provenance, sanity
 from harness.config import TrialSpec
 from harness.models import resolve_model
 from harness.pipelines import build_pipeline
@@ -131,11 +131,16 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     )
     expected_trainable = method.expected_trainable_params(model, hp, ctx)
     row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
+    probe = next(pipeline.batches(2, seed=0, device=device))  # fixed inputs for the checks
+    base_outputs = sanity.outputs(model, probe)
     memory.reset_peak(device)
     init_started = time.perf_counter()
     model = method.prepare(model, hp, ctx)
     pipeline.loaded.model = model  # evaluators run the prepared model
     row["init_time_s"] = time.perf_counter() - init_started
+    row["sanity_init"] = sanity.check_init(
+        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp)
+    )
     trainable, total = count_params(model)
     row.update(trainable_params=trainable, total_params=total)
     row["expected_trainable_params"] = expected_trainable
@@ -191,6 +196,15 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         test_metrics=json.dumps(test, sort_keys=True),
         test_items=json.dumps({k: v for k, v in pipeline.items.items() if k != "selection"}),
         majority_baseline=_majority_baseline(task, splits),
+    )
+
+    # Last, since merging may change the model in place: merged == unmerged outputs.
+    unmerged_outputs = sanity.outputs(model, probe)
+    merged = method.merge(model)
+    row["sanity_merge"] = (
+        "not mergeable"
+        if merged is None
+        else sanity.check_merge(unmerged_outputs, sanity.outputs(merged, probe))
     )
 
 

@@ -87,8 +87,25 @@ class Method:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    def callbacks(self, hp: Hyperparams) -> list[TrainCallback]:
+    def callbacks(self, hp: Hyperparams, total_steps: int) -> list[TrainCallback]:
+        """Training-time hooks; `total_steps` is the run's number of optimizer steps (for
+        schedules tied to the run length, e.g. SDS-LoRA's warm-up and basis refresh)."""
         return []
+
+    def starts_at_base(self, hp: Hyperparams) -> bool:
+        """Whether the prepared model computes the base model's function (before training).
+
+        The harness checks this promise on a probe batch: outputs equal the base model's
+        when True, and differ from them (the method's deliberate offset) when False.
+        """
+        return True
+
+    def merge(self, model: nn.Module) -> nn.Module | None:
+        """Fold the adapter into plain weights (in place allowed); None if not mergeable.
+
+        Called once, after evaluation; the harness checks merged outputs equal unmerged ones.
+        """
+        return None
 
     def expected_trainable_params(
         self, base_model: nn.Module, hp: Hyperparams, ctx: PrepareContext

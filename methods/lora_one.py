@@ -85,6 +85,9 @@ class LoraOne(PeftLoraMethod):
                     weight -= (layer.scaling["default"] * b0 @ a0).to(weight.dtype)
         return model
 
+    def starts_at_base(self, hp: LoraOneHyperparams) -> bool:
+        return hp.weight_shift  # by default training starts one spectral step away
+
     def build_optimizer(self, model, lr, hp: LoraOneHyperparams, weight_decay=0.0):
         if hp.optimizer == "adamw":
             return super().build_optimizer(model, lr, hp, weight_decay)

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from methods.base import Hyperparams, Method, PrepareContext
 from methods.grad_estimator import layer_gradients
-from methods.lora_xs import inject
+from methods.lora_xs import inject, merge_and_unload
 from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
 from methods.registry import register_method
 
@@ -90,6 +90,12 @@ class LoraSb(Method):
             for p in model.get_submodule(head).parameters():
                 p.requires_grad_(True)
         return model
+
+    def starts_at_base(self, hp: LoraSbHyperparams) -> bool:
+        return False  # it starts after the simulated first step
+
+    def merge(self, model):
+        return merge_and_unload(model)
 
     def expected_trainable_params(self, base_model, hp: LoraSbHyperparams, ctx: PrepareContext):
         layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)

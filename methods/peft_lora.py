@@ -83,6 +83,9 @@ class PeftLoraMethod(Method):
     def prepare(self, model: nn.Module, hp: LoraHyperparams, ctx: PrepareContext) -> nn.Module:
         return get_peft_model(model, self.lora_config(hp, ctx))
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
     def per_layer_params(self, layer: nn.Linear, hp: LoraHyperparams) -> int:
         return hp.rank * (layer.in_features + layer.out_features)
 

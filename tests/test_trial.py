@@ -44,3 +44,50 @@ def test_ok_row_has_costs_and_both_metric_sets(mirror_dir):
         assert row[key] > 0, key
     assert row["majority_baseline"] == pytest.approx(row["majority_baseline"])  # not NaN
     assert row["model_source"].startswith("pypi-package:")
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "lora_one", "full_ft"])
+def test_ok_rows_record_passed_init_and_merge_checks(mirror_dir, method):
+    row = run_trial(spec(mirror_dir, method=method))
+    assert row["status"] == "ok", row.get("traceback")
+    starts_at_base = methods.get_method(method).starts_at_base(
+        methods.get_method(method).hyperparams({})
+    )
+    assert row["sanity_init"].startswith("identity" if starts_at_base else "offset")
+    if method == "full_ft":
+        assert row["sanity_merge"] == "not mergeable"
+    else:
+        assert row["sanity_merge"].startswith("merged == unmerged")
+
+
+def test_an_init_that_breaks_the_identity_promise_fails_the_run(mirror_dir, monkeypatch):
+    # Pretend LoRA-One (which starts off the base function) promised identity.
+    lora_one = type(methods.get_method("lora_one"))
+    monkeypatch.setattr(lora_one, "starts_at_base", lambda self, hp: True)
+    row = run_trial(spec(mirror_dir, method="lora_one"))
+    assert row["status"] == "failed"
+    assert "promises to start at the base function" in row["error"]
+
+
+def test_an_init_that_was_never_applied_fails_the_run(mirror_dir, monkeypatch):
+    # LoRA promising an offset: its B = 0 init leaves outputs bit-identical.
+    lora = type(methods.get_method("lora"))
+    monkeypatch.setattr(lora, "starts_at_base", lambda self, hp: False)
+    row = run_trial(spec(mirror_dir, method="lora"))
+    assert row["status"] == "failed" and "bit-identical" in row["error"]
+
+
+def test_a_merge_that_changes_the_function_fails_the_run(mirror_dir, monkeypatch):
+    import torch
+
+    lora = type(methods.get_method("lora"))
+
+    def broken_merge(self, model):
+        merged = model.merge_and_unload()
+        with torch.no_grad():
+            merged.bert.encoder.layer[0].attention.self.query.weight.mul_(1.5)
+        return merged
+
+    monkeypatch.setattr(lora, "merge", broken_merge)
+    row = run_trial(spec(mirror_dir, method="lora"))
+    assert row["status"] == "failed" and "merged weights compute different outputs" in row["error"]

@@ -1,0 +1,64 @@
+"""Checks every trial runs on a fixed probe batch; a failed check fails the run loudly.
+
+- init: a method that promises to start at the base function (LoRA's B = 0, PiSSA's
+  residual, LoRA-GA's offset) must reproduce the base model's outputs; one that starts
+  elsewhere on purpose (LoRA-One, LoRA-SB, CG-LoRA without shift) must actually move them.
+- merge: after training, a mergeable adapter folded into plain weights computes the same
+  outputs as the unmerged model.
+The trainable-parameter count is checked against the method's formula in `harness.trial`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SanityError(AssertionError):
+    """A method broke one of its promises; the run is recorded as failed."""
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.detach().float().clone()
+    finally:
+        model.train(was_training)
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    # fp32 round-off through a deep network grows with the output scale; 1e-4 relative is
+    # far above it and far below any real change of function.
+    return 1e-4 * (1.0 + float(reference.abs().max()))
+
+
+def check_init(base: torch.Tensor, prepared: torch.Tensor, starts_at_base: bool) -> str:
+    """A one-line record of the init check; raises SanityError when it fails."""
+    gap = float((prepared - base).abs().max())
+    tol = _tolerance(base)
+    if starts_at_base and gap > tol:
+        raise SanityError(
+            f"sanity check: the method promises to start at the base function, but its "
+            f"outputs differ by {gap:.3g} (tolerance {tol:.3g})"
+        )
+    if not starts_at_base and gap == 0.0:
+        raise SanityError(
+            "sanity check: the method's init should move the model off the base function, "
+            "but the outputs are bit-identical (was the init applied?)"
+        )
+    kind = "identity" if starts_at_base else "offset"
+    return f"{kind}: max|delta output|={gap:.3g} (tol {tol:.3g})"
+
+
+def check_merge(unmerged: torch.Tensor, merged: torch.Tensor) -> str:
+    gap = float((merged - unmerged).abs().max())
+    tol = _tolerance(unmerged)
+    if gap > tol:
+        raise SanityError(
+            f"sanity check: merged weights compute different outputs, max difference "
+            f"{gap:.3g} (tolerance {tol:.3g})"
+        )
+    return f"merged == unmerged: max|delta output|={gap:.3g} (tol {tol:.3g})"
