@@ -100,6 +100,8 @@ def append_runs(out_dir: str | Path, rows: list[dict]) -> pd.DataFrame:
 
 def _unique(series: pd.Series) -> str:
     values = sorted({str(v) for v in series.dropna()})
+    if not values:
+        return None
     return values[0] if len(values) == 1 else json.dumps(values)
 
 

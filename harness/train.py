@@ -14,7 +14,24 @@ from torch.utils.data import DataLoader
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN/inf; the run is recorded as diverged, never averaged in."""
+    """The loss became NaN/inf or exploded; the run is recorded as diverged, never averaged in."""
+
+
+# A loss above EXPLODE_FACTOR x max(1, the first step's loss) has exploded. The first loss
+# is computed before any update, so an explosion early in training cannot raise its own
+# reference; the factor is far outside small-batch noise, so a healthy run never trips it.
+EXPLODE_FACTOR = 10.0
+
+
+def check_divergence(step: int, loss: float, losses: list[float]) -> None:
+    """Raise Diverged for a non-finite or exploded loss (`losses` = earlier steps' losses)."""
+    if not math.isfinite(loss):
+        raise Diverged(f"loss is {loss} at step {step}")
+    if losses and loss > EXPLODE_FACTOR * max(1.0, losses[0]):
+        raise Diverged(
+            f"loss exploded to {loss:.4g} at step {step} (> {EXPLODE_FACTOR:g} x max(1, "
+            f"initial loss {losses[0]:.4g}))"
+        )
 
 
 def train_step(
@@ -95,8 +112,7 @@ def train(
         for cb in callbacks:
             cb.on_step_end(step, model, optimizer)
         train_time += time.perf_counter() - started
-        if not math.isfinite(loss):
-            raise Diverged(f"loss is {loss} at step {step}")
+        check_divergence(step, loss, losses)
         losses.append(loss)
         samples += int(batch["labels"].shape[0])
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
