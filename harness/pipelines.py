@@ -178,7 +178,34 @@ def _causal_lm_pipeline(
 
         return run
 
-    pipeline.evaluators["selection"] = evaluator("selection", splits.selection)
+    if task.selection_by_loss:
+        pipeline.evaluators["selection"] = _loss_evaluator(
+            task.encode(tokenizer, splits.selection, max_length), pipeline, device
+        )
+    else:
+        pipeline.evaluators["selection"] = evaluator("selection", splits.selection)
     for name, df in splits.test.items():
         pipeline.evaluators[f"test/{name}"] = evaluator(f"test/{name}", df)
     return pipeline
+
+
+def _loss_evaluator(encoded, pipeline: Pipeline, device):
+    """{"neg_loss": -(mean response-token loss)} on held-out rows (higher is better)."""
+    rows = _to_rows(encoded)
+    loader = make_loader(rows, pipeline.collate, 8, shuffle=False)
+
+    @torch.no_grad()
+    def run() -> dict[str, float]:
+        current = pipeline.loaded.model
+        was_training = current.training
+        current.eval()
+        total, tokens = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(current(**batch).loss) * n
+            tokens += n
+        current.train(was_training)
+        return {"neg_loss": -total / max(tokens, 1)}
+
+    return run

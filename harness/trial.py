@@ -186,6 +186,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         metrics = pipeline.evaluate(f"test/{name}")
         prefix = f"{name}/" if len(splits.test) > 1 else ""
         test.update({prefix + k: v for k, v in metrics.items()})
+    test = task.summarize(test)
     row["eval_time_s"] = time.perf_counter() - eval_started
     row.update(
         selection_metric=task.selection_metric,

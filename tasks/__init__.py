@@ -5,4 +5,5 @@ from tasks.registry import get_task, register_task, task_ids
 
 __all__ = ["DataSplits", "HeadKind", "Task", "get_task", "register_task", "task_ids"]
 
-from tasks import glue  # noqa: E402,F401  (registers the GLUE tasks)
+# Importing a family module registers its tasks.
+from tasks import code, commonsense, glue, math_reasoning  # noqa: E402,F401

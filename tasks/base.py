@@ -70,3 +70,7 @@ class Task:
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
+
+    def summarize(self, test_metrics: dict[str, float]) -> dict[str, float]:
+        """Add suite-level metrics computed across test splits (e.g. a macro average)."""
+        return test_metrics

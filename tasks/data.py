@@ -22,12 +22,13 @@ def _manifest_entry(data_dir: Path, rel: str) -> dict[str, Any] | None:
 
 
 def load_split(
-    hub_id: str, config: str | None, split: str, data_dir: str | None
+    hub_id: str, config: str | None, split: str, data_dir: str | None, url: str | None = None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One split as a DataFrame plus where it came from.
 
     With `data_dir`, reads `<data_dir>/<hub_id>/<config or default>/<split>.parquet`; without,
-    calls `datasets.load_dataset` on the hub.
+    calls `datasets.load_dataset` on the hub, or on `url` (a JSON file published outside the
+    hub, e.g. LLM-Adapters' test sets on GitHub) when the data has no hub dataset.
     """
     if data_dir:
         root = Path(data_dir)
@@ -54,6 +55,10 @@ def load_split(
 
     import datasets
 
+    if url:
+        ds = datasets.load_dataset("json", data_files=url, split="train")
+        prov = {"source": "url", "url": url, "rows": len(ds), "fingerprint": ds._fingerprint}
+        return ds.to_pandas(), prov
     ds = datasets.load_dataset(hub_id, config, split=split)
     prov = {
         "source": "hub",

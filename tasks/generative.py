@@ -30,6 +30,9 @@ class GenerativeTask(Task):
     # Chat-formatted prompts carry their own special tokens; plain templates get the
     # tokenizer's usual ones (e.g. Llama's BOS).
     uses_chat_template: ClassVar[bool] = False
+    # Tasks whose training data has no answer key (free-form code) select the LR by the
+    # teacher-forced loss on held-out training rows: selection metric "neg_loss".
+    selection_by_loss: ClassVar[bool] = False
 
     # -- what a concrete task defines ------------------------------------------------------
     def prompt(self, row: pd.Series, tokenizer: Any) -> str:
@@ -46,9 +49,12 @@ class GenerativeTask(Task):
         return {"accuracy": float(np.mean(correct)) if len(correct) else 0.0}
 
     # -- token ids, shared -----------------------------------------------------------------
+    def add_special_tokens(self, tokenizer: Any) -> bool:
+        return not self.uses_chat_template
+
     def prompt_ids(self, tokenizer: Any, row: pd.Series, max_length: int) -> list[int]:
         text = self.prompt(row, tokenizer)
-        ids = tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=self.add_special_tokens(tokenizer))["input_ids"]
         return list(ids[-max_length:])  # keep the end: the question sits next to the answer
 
     def encode(self, tokenizer: Any, rows: pd.DataFrame, max_length: int) -> dict[str, list]:
