@@ -51,8 +51,13 @@ class ModelSource:
     revision: str  # commit sha, requested revision, or a description of the packaged copy
 
 
+RANDOM_INIT_PREFIX = "random-init/"  # seeded random weights, for offline smoke runs only
+
+
 @functools.lru_cache(maxsize=16)
 def resolve_model(model_id: str, revision: str | None, model_dir: str | None) -> ModelSource:
+    if model_id.startswith(RANDOM_INIT_PREFIX):
+        return ModelSource(model_id, model_id, "random-init", "random-init: NOT pretrained")
     if model_dir:
         candidate = Path(model_dir) / model_id
         if candidate.is_dir():
@@ -153,6 +158,13 @@ def model_structure(model_id: str, revision: str | None, model_dir: str | None) 
     from methods.targets import default_target_modules
 
     source = resolve_model(model_id, revision, model_dir)
+    if source.kind == "random-init":
+        from harness.image_models import random_init_vit
+
+        with torch.device("meta"):
+            model = random_init_vit(num_labels=2)
+        linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        return ModelStructure("vit", linear, default_target_modules("vit"))
     config = AutoConfig.from_pretrained(source.location, revision=_rev(source))
     with torch.device("meta"):
         model = AutoModel.from_config(config)

@@ -67,9 +67,14 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warm
 
 
 def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches; each pass reshuffles with the loader's own seeded generator."""
+    """Endless batches; each pass reshuffles with the loader's own seeded generator, and a
+    dataset with `set_epoch` (augmented images) draws fresh, seeded augmentations."""
+    epoch = 0
     while True:
+        if hasattr(getattr(loader, "dataset", None), "set_epoch"):
+            loader.dataset.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 @dataclass

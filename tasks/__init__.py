@@ -6,4 +6,4 @@ from tasks.registry import get_task, register_task, task_ids
 __all__ = ["DataSplits", "HeadKind", "Task", "get_task", "register_task", "task_ids"]
 
 # Importing a family module registers its tasks.
-from tasks import code, commonsense, glue, math_reasoning  # noqa: E402,F401
+from tasks import code, commonsense, glue, math_reasoning, vision  # noqa: E402,F401

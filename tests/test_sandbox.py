@@ -1,0 +1,335 @@
+"""The untrusted-code sandbox: hostile programs fail safely; HumanEval canonical solutions pass.
+
+These tests need the namespaced sandbox (root / CAP_SYS_ADMIN, as on CI); they fail, not
+skip, when it is unavailable, since then the HumanEval protocol cannot run. Only the
+HumanEval-on-the-mirror test skips, when the mirror is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import sandbox
+from tasks.protocols import humaneval as he
+from tasks.sandbox import IsolationStatus, SandboxUnavailableError, run_untrusted
+
+REPO = Path(__file__).resolve().parents[1]
+HUMANEVAL = (
+    REPO.parent / "shared" / "data" / "openai" / "openai_humaneval" / "openai_humaneval"
+) / "test.parquet"
+SLACK_S = 4.0  # start-up and teardown allowance on a loaded 2-core machine
+# The caller kills the process group at the timeout; the launcher's own alarm (timeout + 2 s)
+# is only a backstop, so a kill later than this means the caller's kill did not work.
+KILL_SLACK_S = 1.5
+
+
+def _run(program: str, **kw) -> sandbox.SandboxResult:
+    kw.setdefault("timeout_s", 5.0)
+    kw.setdefault("memory_mb", 512)
+    return run_untrusted(program, **kw)
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+def _assert_no_processes_left(uid: int) -> None:
+    deadline = time.monotonic() + 2.0
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_of(uid) == []
+
+
+def _fresh_uid() -> int:
+    return 1_500_000_000 + int.from_bytes(os.urandom(3), "little")
+
+
+def test_isolation_is_available_here():
+    status = sandbox.isolation_status()
+    assert status.available, status.reason
+
+
+def test_a_correct_program_passes_in_a_clean_unprivileged_environment(monkeypatch):
+    monkeypatch.setenv("HARNESS_TEST_SECRET", "do-not-leak")
+    program = (
+        "import os, sys\n"
+        "assert os.getuid() != 0 and os.getgid() != 0, 'still root'\n"
+        "assert os.getgroups() == [], os.getgroups()\n"
+        "assert set(os.environ) <= {'PATH', 'LANG'}, sorted(os.environ)\n"
+        "assert sys.stdin is None, 'stdin is open'\n"
+        "assert sys.flags.isolated == 1\n"
+        "open('scratch.txt', 'w').write('ok')\n"  # the working directory is writable
+        "assert open('scratch.txt').read() == 'ok'\n"
+        "print(os.getcwd())\n"
+    )
+    res = _run(program)
+    assert res.status == "passed", res.stderr_tail
+    assert res.passed and res.returncode == 0
+    assert res.network_isolated and res.isolation == sandbox.ISOLATION_DESCRIPTION
+    workdir = res.stdout_tail.strip()
+    assert workdir.startswith("/") and not Path(workdir).exists()  # deleted afterwards
+
+
+def test_failures_are_failed_not_passed():
+    res = _run("assert 1 + 1 == 3, 'wrong answer'")
+    assert res.status == "failed" and not res.passed
+    assert "wrong answer" in res.stderr_tail
+    assert _run("raise SystemExit(3)").status == "failed"
+    assert _run("import sys; sys.stdout.write('x'); input()").status == "failed"  # stdin closed
+
+
+def test_infinite_loop_times_out_and_is_killed():
+    uid = _fresh_uid()
+    start = time.monotonic()
+    res = _run("while True:\n    pass\n", timeout_s=1.0, uid=uid)
+    elapsed = time.monotonic() - start
+    assert res.status == "timeout" and not res.passed
+    assert 1.0 <= elapsed < 1.0 + KILL_SLACK_S
+    _assert_no_processes_left(uid)
+
+
+def test_sleeping_forever_times_out_on_the_wall_clock():
+    # no CPU used, so RLIMIT_CPU never fires: the wall-clock kill must
+    start = time.monotonic()
+    res = _run("import time\ntime.sleep(1000)\n", timeout_s=1.0)
+    assert res.status == "timeout"
+    assert time.monotonic() - start < 1.0 + KILL_SLACK_S
+
+
+def test_background_process_that_escapes_the_session_is_killed():
+    uid = _fresh_uid()
+    program = (
+        "import subprocess\n"
+        "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "print('spawned')\n"
+    )
+    res = _run(program, uid=uid)
+    assert res.status == "passed", res.stderr_tail
+    assert "spawned" in res.stdout_tail
+    _assert_no_processes_left(uid)
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "x = []\nwhile True:\n    x.append(bytearray(10 ** 7))\n",
+        "x = bytearray(8 * 1024 ** 3)\n",
+        "x = ' ' * (2 ** 40)\n",
+    ],
+    ids=["unbounded-growth", "one-huge-allocation", "huge-string"],
+)
+def test_unbounded_memory_fails_safely(program):
+    start = time.monotonic()
+    res = _run(program, memory_mb=256, timeout_s=10.0)
+    assert res.status == "failed" and not res.passed
+    assert "MemoryError" in res.stderr_tail
+    assert time.monotonic() - start < 10.0
+
+
+def test_no_network_even_to_the_hosts_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        program = (
+            "import socket\n"
+            f"socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+            "print('connected')\n"
+        )
+        res = _run(program)
+        assert res.status == "failed" and "connected" not in res.stdout_tail
+        assert "Network is unreachable" in res.stderr_tail, res.stderr_tail
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody ever reached the host's listener
+
+
+def test_no_name_resolution():
+    start = time.monotonic()
+    res = _run("import socket\nprint(socket.getaddrinfo('pypi.org', 443))\n")
+    assert res.status == "failed"
+    assert "gaierror" in res.stderr_tail
+    assert time.monotonic() - start < 5.0 + SLACK_S
+
+
+def test_only_a_down_loopback_interface_is_visible():
+    program = (
+        "import socket\n"
+        "names = [n for _, n in socket.if_nameindex()]\n"
+        "assert names in ([], ['lo']), names\n"
+    )
+    assert _run(program).status == "passed"
+
+
+def test_writes_outside_the_working_directory_fail():
+    tag = uuid.uuid4().hex
+    targets = [
+        Path("/tmp") / f"{tag}_escape",
+        REPO / f"{tag}_escape",
+        Path("/dev/shm") / f"{tag}_escape",
+        Path("/var/tmp") / f"{tag}_escape",
+    ]
+    try:
+        for target in targets:
+            program = f"open({str(target)!r}, 'w').write('escaped')\n"
+            res = _run(program)
+            assert res.status == "failed", (target, res.stdout_tail)
+            assert not target.exists(), target
+        # nor can it delete or modify existing files
+        victim = REPO / "pyproject.toml"
+        before = victim.read_bytes()
+        res = _run(f"import os\nos.remove({str(victim)!r})\n")
+        assert res.status == "failed" and victim.read_bytes() == before
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
+def test_secrets_outside_world_readable_files_stay_hidden():
+    # /root is 0700 on these machines; the program may see only the interpreter under it
+    program = (
+        "import os\n"
+        "for path in ('/root/.ssh', '/root/.cache', '/root/.bash_history'):\n"
+        "    assert not os.path.exists(path), path\n"
+        "assert not os.access('/proc/1/environ', os.R_OK)\n"
+        # its own PID namespace: pid 1 is the sandbox's init, no host process is visible
+        "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+        "assert pids == [1, os.getpid()], pids\n"
+    )
+    res = _run(program)
+    assert res.status == "passed", res.stderr_tail
+
+
+def test_fork_bomb_is_contained():
+    uid = _fresh_uid()
+    start = time.monotonic()
+    res = _run("import os\nwhile True:\n    os.fork()\n", timeout_s=3.0, uid=uid, max_procs=16)
+    assert not res.passed and res.status in ("failed", "timeout")
+    assert time.monotonic() - start < 3.0 + SLACK_S
+    _assert_no_processes_left(uid)
+
+
+def test_output_flood_and_big_files_are_capped():
+    res = _run("import sys\nwhile True:\n    sys.stdout.write('x' * 100000)\n", max_file_mb=1)
+    assert res.status == "failed" and len(res.stdout_tail) <= 2000
+    res = _run("open('big', 'wb').write(b'x' * (8 * 1024 * 1024))\n", max_file_mb=1)
+    assert res.status == "failed" and "File too large" in res.stderr_tail
+
+
+def test_refuses_without_isolation_unless_fallback_allowed(monkeypatch):
+    monkeypatch.setattr(
+        sandbox, "isolation_status", lambda: IsolationStatus(False, "forced off by a test")
+    )
+    with pytest.raises(SandboxUnavailableError, match="forced off by a test"):
+        _run("print('hi')")
+    try:
+        res = _run("print('hi')", allow_network_fallback=True)
+    except SandboxUnavailableError as e:  # no interpreter an unprivileged uid can run
+        pytest.fail(f"fallback could not run: {e}")
+    assert res.status == "passed", res.stderr_tail
+    assert res.network_isolated is False
+    assert res.isolation.startswith("none: forced off by a test")
+
+
+# --------------------------------------------------------------------------- HumanEval
+
+TOY = {
+    "task_id": "Toy/0",
+    "prompt": (
+        "def helper(x):\n    return x * 2\n\n\n"
+        'def double_all(xs):\n    """Double every element."""\n'
+    ),
+    "test": "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n",
+    "entry_point": "double_all",
+}
+
+
+@pytest.mark.parametrize(
+    "completion, passed",
+    [
+        ("    return [helper(x) for x in xs]\n", True),
+        ("    return xs\n", False),
+        ("    return [helper(x) for x in xs]\n\nraise SystemExit(0)\n", False),
+        ("    return [helper(x) for x in xs]\n\nimport os\nos._exit(0)\n", False),
+        ("    return [helper(x) for x in xs]\n\nexit()\n", False),
+        (
+            he.extract_completion(
+                "```python\ndef double_all(xs):\n    return [2*x for x in xs]\n```", TOY
+            ),
+            True,
+        ),
+    ],
+    ids=["right", "wrong", "SystemExit(0)", "os._exit(0)", "exit()", "chat-redefinition"],
+)
+def test_run_problem_counts_only_completed_checks(completion, passed):
+    res = he.run_problem(TOY, completion)
+    assert res.passed is passed, (res.status, res.stderr_tail)
+    assert res.status == ("passed" if passed else "failed")
+
+
+@pytest.fixture(scope="module")
+def humaneval_problems() -> dict[str, dict]:
+    if not HUMANEVAL.is_file():
+        pytest.skip(f"HumanEval not in the data mirror: {HUMANEVAL}")
+    df = pd.read_parquet(HUMANEVAL)
+    return {row["task_id"]: row for row in df.to_dict("records")}
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(humaneval_problems):
+    problems = humaneval_problems
+    assert len(problems) == 164
+    wrong_ids = ["HumanEval/0", "HumanEval/10", "HumanEval/38", "HumanEval/163"]
+    samples = [(tid, p["canonical_solution"]) for tid, p in problems.items()]
+    samples += [(tid, "    return None\n") for tid in wrong_ids]  # a wrong solution
+    samples += [("HumanEval/0", "    while True:\n        pass\n")]  # a hanging one
+    # ending the script with status 0 before check() runs is a failure, not a pass
+    samples += [("HumanEval/3", "    import sys\n    sys.exit(0)\n" + "\nimport os\nos._exit(0)\n")]
+    # a chat-style answer repeating the signature, through the extractor
+    p0 = problems["HumanEval/2"]
+    chat = (
+        "Here you go:\n```python\n"
+        + p0["prompt"].split('"""')[0].rstrip()
+        + "\n"
+        + p0["canonical_solution"]
+        + "```\n"
+    )
+    samples += [("HumanEval/2", he.extract_completion(chat, p0))]
+    start = time.monotonic()
+    out = he.evaluate(problems, samples, timeout_s=he.TIMEOUT_S, workers=2, ks=(1, 2))
+    elapsed = time.monotonic() - start
+    by_task = out["per_task"]
+    canonical = {tid: by_task[tid][0] for tid in problems}
+    failing = [tid for tid, ok in canonical.items() if not ok]
+    assert failing == [], [
+        (r.task_id, r.status, r.stderr_tail[-300:]) for r in out["samples"] if not r.passed
+    ][:5]
+    for tid in wrong_ids:
+        assert by_task[tid][1] is False, tid
+    assert by_task["HumanEval/0"][2] is False
+    assert next(
+        r for r in out["samples"] if r.task_id == "HumanEval/0" and r.index == 2
+    ).status == ("timeout")
+    assert by_task["HumanEval/2"] == [True, True]  # canonical, and the extracted chat answer
+    assert by_task["HumanEval/3"] == [True, False]  # the early exit(0)
+    assert out["n_samples"] == 164 + len(wrong_ids) + 3
+    # pass@1 averages per-problem c/n; pass@2 exists only if every problem had 2 samples
+    assert "pass@2" not in out
+    # HumanEval/0: 1 of 3; HumanEval/3 and the other wrong ids: 1 of 2; all others all passed
+    expected = (164 - len(wrong_ids) - 1 + 0.5 * len(wrong_ids) + 1 / 3) / 164
+    assert out["pass@1"] == pytest.approx(expected)
+    assert elapsed < 90.0  # about 20-40 s on a loaded 2-core machine
