@@ -1,4 +1,4 @@
-"""`harness sweep | leaderboard | list | bench`."""
+"""`harness sweep | leaderboard | report | list | bench`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def _leaderboard(args: argparse.Namespace) -> int:
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+    from harness.results import LEADERBOARD_FILE, RUNS_FILE
+
+    out = Path(args.output_dir)
+    if not (out / RUNS_FILE).is_file() and not (out / LEADERBOARD_FILE).is_file():
+        raise ConfigError(f"no {RUNS_FILE} or {LEADERBOARD_FILE} in {out}")
+    html_path, md_path = write_report(out)
+    print(html_path)
+    print(md_path)
     return 0
 
 
@@ -72,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("output_dir")
     board.add_argument("--markdown", help="also write the table to this Markdown file")
     board.set_defaults(func=_leaderboard)
+
+    report = sub.add_parser("report", help="write an HTML + Markdown report of an output dir")
+    report.add_argument("output_dir")
+    report.set_defaults(func=_report)
 
     lister = sub.add_parser("list", help="list registered methods or tasks")
     lister.add_argument("what", choices=["methods", "tasks"])

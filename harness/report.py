@@ -1,0 +1,857 @@
+"""A static report of one output directory, from its Parquet files alone.
+
+`write_report(out_dir)` reads `<out>/runs.parquet` and `<out>/leaderboard.parquet` (the
+leaderboard is rebuilt from runs.parquet when only that exists) and writes
+`<out>/report/index.html` (self-contained: inline CSS, plots as base64 PNG, no script, no
+network fetch) and `<out>/report/report.md` with the same plots as PNG files beside it.
+
+Sections: leaderboard (test mean +- std over seeds at the chosen LR, n seeds, chosen LR,
+failed/diverged counts, majority baseline; 95% CI and paired-vs-LoRA columns when
+leaderboard.parquet has them), score vs LR per task (selection split and test split, each
+labelled), training loss at the chosen LR, cost vs score with the Pareto front, published
+numbers (`harness.published.compare`), failed runs, method configurations, provenance.
+Every text taken from the data is HTML-escaped (Markdown: table-escaped and HTML-escaped).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.results import LEADERBOARD_FILE, RUNS_FILE, build_leaderboard
+
+REPORT_DIR = "report"
+HTML_FILE = "index.html"
+MD_FILE = "report.md"
+FIG_PREFIX = "fig_"
+
+# Optional leaderboard columns another part of the harness may add; shown when present.
+CI_COLUMNS = ("test_ci_low", "test_ci_high")
+PAIRED_RE = re.compile(r"(paired|vs_lora|_vs_|p_value|pvalue)", re.IGNORECASE)
+
+COST_AXES = (
+    ("init_time_s", "init time (s)"),
+    ("train_time_s", "train time (s)"),
+    ("peak_memory_mb", "peak memory (MB)"),
+    ("trainable_params", "trainable parameters"),
+)
+NA = "n/a"
+
+
+# -- formatting -------------------------------------------------------------------------------
+def _blank(v: Any) -> bool:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    if isinstance(v, float | np.floating) and math.isnan(float(v)):
+        return True
+    return isinstance(v, str) and v.strip() == ""
+
+
+def fmt_score(v: Any) -> str:
+    """Scores, stds, CIs, deltas: 4 decimals."""
+    return NA if _blank(v) else f"{float(v):.4f}"
+
+
+def fmt_delta(v: Any) -> str:
+    return NA if _blank(v) else f"{float(v):+.4f}"
+
+
+def fmt_lr(v: Any) -> str:
+    return NA if _blank(v) else f"{float(v):.3g}"
+
+
+def fmt_num(v: Any) -> str:
+    """Times, memory, throughput: 3 significant digits, whole numbers from 1000 up."""
+    if _blank(v):
+        return NA
+    v = float(v)
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def fmt_int(v: Any) -> str:
+    return NA if _blank(v) else f"{int(v):,}"
+
+
+def fmt_mean_std(mean: Any, std: Any) -> str:
+    if _blank(mean):
+        return NA
+    return fmt_score(mean) if _blank(std) else f"{fmt_score(mean)} ± {fmt_score(std)}"
+
+
+def _fmt_any(v: Any) -> str:
+    if _blank(v):
+        return NA
+    if isinstance(v, bool | np.bool_):
+        return str(bool(v))
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return f"{float(v):.4g}"
+    return str(v)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_") or "x"
+
+
+def _json(text: Any) -> Any:
+    if _blank(text):
+        return None
+    try:
+        return json.loads(str(text))
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _h(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _md(v: Any) -> str:
+    text = str(v).replace("\r", " ").replace("\n", " ")
+    text = html.escape(text, quote=False)
+    return text.replace("|", "\\|")
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]  # plain-text cells, escaped on output
+
+    def html(self, cls: str = "") -> str:
+        head = "".join(f"<th>{_h(c)}</th>" for c in self.headers)
+        body = "\n".join(
+            "<tr>" + "".join(f"<td>{_h(c)}</td>" for c in row) + "</tr>" for row in self.rows
+        )
+        klass = f' class="{cls}"' if cls else ""
+        return f"<table{klass}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table>"
+
+    def md(self) -> str:
+        lines = [
+            "| " + " | ".join(_md(c) for c in self.headers) + " |",
+            "|" + "|".join("---" for _ in self.headers) + "|",
+        ]
+        for row in self.rows:
+            lines.append("| " + " | ".join(_md(c) for c in row) + " |")
+        return "\n".join(lines)
+
+
+@dataclass
+class Figure:
+    name: str  # file name (PNG beside report.md)
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    # ("p" | "h3" | "warn", text), ("table", Table), ("fig", Figure)
+    blocks: list[tuple[str, Any]]
+
+
+# -- data -----------------------------------------------------------------------------------
+def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs_path, board_path = out / RUNS_FILE, out / LEADERBOARD_FILE
+    if not runs_path.is_file() and not board_path.is_file():
+        raise FileNotFoundError(f"neither {RUNS_FILE} nor {LEADERBOARD_FILE} in {out}")
+    runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
+    if board_path.is_file():
+        board = pd.read_parquet(board_path)
+    else:
+        board = build_leaderboard(runs)
+    return runs, board
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index)
+
+
+def _ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty or "status" not in runs.columns:
+        return runs.iloc[0:0]
+    return runs[runs["status"] == "ok"]
+
+
+def _method_colors(methods: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(sorted(methods))}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _new_figure(width: float, height: float):
+    # Figure + Agg canvas directly: no pyplot global state, no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _unique_str(series: pd.Series) -> list[str]:
+    return sorted({str(v) for v in series if not _blank(v)})
+
+
+# -- plots ----------------------------------------------------------------------------------
+def _lr_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> Figure | None:
+    ok = _ok_runs(runs)
+    ok = ok[ok["task"] == task]
+    if ok.empty:
+        return None
+    sel_metric = ", ".join(_unique_str(_col(ok, "selection_metric"))) or "selection score"
+    test_metric = ", ".join(_unique_str(_col(ok, "test_metric"))) or "test score"
+    fig = _new_figure(11, 4.2)
+    axes = fig.subplots(1, 2, sharex=True)
+    panels = (
+        ("selection_score", f"selection split: {sel_metric}\n(used to choose the LR)"),
+        ("test_score", f"test split: {test_metric}\n(reported; not used to choose the LR)"),
+    )
+    brows = board[board["task"] == task]
+    has_base = bool(_col(brows, "majority_baseline").notna().any())
+    for ax, (col, title) in zip(axes, panels, strict=True):
+        for method, g in ok.groupby("method", sort=True):
+            stats = g.groupby("lr")[col].agg(["mean", "std", "count"]).sort_index()
+            stats = stats[stats["mean"].notna()]
+            if stats.empty:
+                continue
+            ax.errorbar(
+                stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", ms=4,
+                capsize=3, lw=1.3, color=colors.get(method), label=method,
+            )  # fmt: skip
+            chosen = brows.loc[brows["method"] == method, "chosen_lr"]
+            if len(chosen) and not _blank(chosen.iloc[0]) and chosen.iloc[0] in stats.index:
+                lr = chosen.iloc[0]
+                ax.plot(
+                    [lr], [stats.loc[lr, "mean"]], marker="*", ms=14, mfc="none",
+                    mec=colors.get(method), mew=1.5,
+                )  # fmt: skip
+        if col == "test_score":
+            base = _col(brows, "majority_baseline").dropna()
+            if len(base):
+                ax.axhline(float(base.iloc[0]), color="grey", ls="--", lw=1, label="majority class")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (mean ± std over seeds)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.subplots_adjust(top=0.80, wspace=0.22)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.91, 0.5), fontsize=8)
+    fig.suptitle(f"{task}: score vs learning rate", fontsize=11)
+    n = ok.groupby(["method", "lr"]).size()
+    seeds = str(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    return Figure(
+        name=f"{FIG_PREFIX}lr_{_slug(task)}.png",
+        title=f"{task}: score vs learning rate",
+        caption=(
+            "Each point: mean ± std over the seeds that finished ok at that LR "
+            f"({seeds} seeds). Left: selection split (carved from train; "
+            "the LR with the best mean here is chosen). Right: test split (what the leaderboard "
+            "reports). Hollow star: the chosen LR (only LRs whose every seed finished ok are "
+            "eligible)." + (" Dashed: majority-class baseline." if has_base else "")
+        ),
+        png=_png(fig),
+    )
+
+
+def _loss_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> Figure | None:
+    ok = _ok_runs(runs)
+    ok = ok[(ok["task"] == task)] if not ok.empty else ok
+    if ok.empty or "loss_curve" not in ok.columns:
+        return None
+    fig = _new_figure(9, 4.2)
+    ax = fig.subplots()
+    drawn, windows = 0, set()
+    for row in board[board["task"] == task].itertuples():
+        if _blank(row.chosen_lr):
+            continue
+        g = ok[(ok["method"] == row.method) & (ok["lr"] == row.chosen_lr)]
+        per_step: dict[float, list[float]] = {}
+        for curve in g["loss_curve"]:
+            for point in _json(curve) or []:
+                if len(point) >= 2 and point[1] is not None and math.isfinite(point[1]):
+                    per_step.setdefault(float(point[0]), []).append(float(point[1]))
+        if not per_step:
+            continue
+        steps = np.array(sorted(per_step))
+        mean = np.array([np.mean(per_step[s]) for s in steps])
+        window = max(1, len(steps) // 15)
+        windows.add(window)
+        smooth = pd.Series(mean).rolling(window, min_periods=1, center=True).mean()
+        color = colors.get(row.method)
+        ax.plot(steps, mean, color=color, alpha=0.25, lw=0.8)
+        ax.plot(
+            steps, smooth, color=color, lw=1.6, label=f"{row.method} (lr {fmt_lr(row.chosen_lr)})"
+        )
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(f"{task}: training loss at each method's chosen LR", fontsize=11)
+    w = ", ".join(str(x) for x in sorted(windows))
+    return Figure(
+        name=f"{FIG_PREFIX}loss_{_slug(task)}.png",
+        title=f"{task}: training loss at the chosen LR",
+        caption=(
+            "runs.parquet `loss_curve`, averaged over the seeds at each method's chosen LR. "
+            f"Faint: the per-step mean; solid: its centred moving average over {w} step(s)."
+        ),
+        png=_png(fig),
+    )
+
+
+def pareto_front(costs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Boolean mask of points no other point beats (cost <= and score >=, one strictly)."""
+    costs, scores = np.asarray(costs, float), np.asarray(scores, float)
+    valid = np.isfinite(costs) & np.isfinite(scores)
+    front = np.zeros(len(costs), dtype=bool)
+    for i in np.flatnonzero(valid):
+        better = (
+            valid
+            & (costs <= costs[i])
+            & (scores >= scores[i])
+            & ((costs < costs[i]) | (scores > scores[i]))
+        )
+        front[i] = not better.any()
+    return front
+
+
+def _cost_figure(task: str, board: pd.DataFrame, colors) -> tuple[Figure | None, list[list]]:
+    b = board[(board["task"] == task) & board["test_mean"].notna()]
+    rows: list[list] = []
+    if b.empty:
+        return None, rows
+    fig = _new_figure(16, 4.0)
+    axes = fig.subplots(1, len(COST_AXES), sharey=True)
+    scores = b["test_mean"].to_numpy(float)
+    stds = b["test_std"].fillna(0.0).to_numpy(float)
+    for ax, (col, label) in zip(axes, COST_AXES, strict=True):
+        costs = pd.to_numeric(_col(b, col), errors="coerce").to_numpy(float)
+        front = pareto_front(costs, scores)
+        for j, method in enumerate(b["method"]):
+            if not math.isfinite(costs[j]):
+                continue
+            ax.errorbar(
+                costs[j], scores[j], yerr=stds[j], fmt="o", ms=7 if front[j] else 5,
+                color=colors.get(method), mec="black" if front[j] else colors.get(method),
+                mew=1.2, capsize=2,
+            )  # fmt: skip
+            ax.annotate(method, (costs[j], scores[j]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        if front.any():
+            order = np.argsort(costs[front])
+            fx, fy = costs[front][order], scores[front][order]
+            ax.step(fx, fy, where="post", color="black", lw=1, ls="--", label="Pareto front")
+        finite = costs[np.isfinite(costs)]
+        if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(label + " (lower is cheaper)")
+        ax.grid(alpha=0.3)
+        rows.append(
+            [task, label, ", ".join(str(m) for m, f in zip(b["method"], front, strict=True) if f)]
+        )
+    metric = ", ".join(_unique_str(b["test_metric"]))
+    axes[0].set_ylabel(f"test {metric} (mean ± std)")
+    fig.subplots_adjust(wspace=0.08)
+    fig.suptitle(f"{task}: test score vs cost (black edge, dashed: Pareto front)", fontsize=11)
+    figure = Figure(
+        name=f"{FIG_PREFIX}cost_{_slug(task)}.png",
+        title=f"{task}: cost vs score",
+        caption=(
+            "Leaderboard rows (chosen LR): test mean ± std against the mean init time, "
+            "train time (optimizer steps only), peak memory (see peak_memory_kind in the "
+            "provenance) and trainable parameter count. Black-edged points joined by the "
+            "dashed line are Pareto-optimal: no other method is both at most as costly and at "
+            "least as good (one of them strictly)."
+        ),
+        png=_png(fig),
+    )
+    return figure, rows
+
+
+# -- sections -------------------------------------------------------------------------------
+def _leaderboard_table(board: pd.DataFrame) -> Table:
+    ci = [c for c in CI_COLUMNS if c in board.columns]
+    paired = [c for c in board.columns if PAIRED_RE.search(c) and c not in ci]
+    headers = [
+        "task", "method", "metric", "test mean ± std", "n seeds", "chosen LR",
+        "selection mean", "failed", "diverged", "majority baseline",
+    ]  # fmt: skip
+    headers += ["95% CI low" if c == "test_ci_low" else "95% CI high" for c in ci]
+    headers += paired
+    headers += ["trainable params", "init s", "train s", "peak MB", "samples/s"]
+    rows = []
+    for r in board.to_dict("records"):
+        row = [
+            r.get("task"), r.get("method"), _fmt_any(r.get("test_metric")),
+            fmt_mean_std(r.get("test_mean"), r.get("test_std")), _fmt_any(r.get("n_seeds")),
+            fmt_lr(r.get("chosen_lr")), fmt_score(r.get("selection_mean")),
+            _fmt_any(r.get("n_failed")), _fmt_any(r.get("n_diverged")),
+            fmt_score(r.get("majority_baseline")),
+        ]  # fmt: skip
+        row += [fmt_score(r.get(c)) for c in ci]
+        row += [_fmt_any(r.get(c)) for c in paired]
+        row += [
+            fmt_int(r.get("trainable_params")), fmt_num(r.get("init_time_s")),
+            fmt_num(r.get("train_time_s")), fmt_num(r.get("peak_memory_mb")),
+            fmt_num(r.get("samples_per_s")),
+        ]  # fmt: skip
+        rows.append(row)
+    return Table(headers, rows)
+
+
+def _published_section(board: pd.DataFrame, runs: pd.DataFrame) -> Section:
+    from harness.published import (
+        MODEL_FAMILIES,
+        PUBLISHED_CSV,
+        compare,
+        model_family,
+        stand_in_reason,
+    )
+
+    blocks: list[tuple[str, Any]] = []
+    try:
+        matches = compare(board)
+    except (OSError, ValueError) as err:
+        blocks.append(("warn", f"Published numbers could not be loaded: {err}"))
+        return Section("Published numbers", blocks)
+    blocks.append(
+        (
+            "p",
+            f"Numbers transcribed from the papers' tables ({PUBLISHED_CSV.name}, "
+            "results/published/). A published number is set beside ours only when model "
+            "family, task, method and metric all match (harness/published.py documents the "
+            "model-id mapping); rank is shown beside it. Training budget and data are the "
+            "papers' own (their settings column) and differ from this sweep's; read a delta "
+            "as a sanity check, not a reproduction.",
+        )
+    )
+    excluded = [
+        f"{r.get('task')} / {r.get('method')} ({reason})"
+        for r in board.to_dict("records")
+        if model_family(r.get("model_id")) and (reason := stand_in_reason(r))
+    ]
+    if excluded:
+        blocks.append(
+            (
+                "warn",
+                "Not compared, their data is a labelled stand-in or subset, not the paper's "
+                "dataset: " + "; ".join(excluded),
+            )
+        )
+    if matches.empty:
+        ids = _unique_str(_col(board, "model_id"))
+        fams = sorted({f for f in (model_family(m) for m in ids) if f})
+        if not fams:
+            msg = (
+                f"No published number matches this output: its model(s) {', '.join(ids)} "
+                "belong to no model family with published numbers "
+                f"({', '.join(sorted(MODEL_FAMILIES))}), so nothing is compared."
+            )
+        else:
+            msg = (
+                f"No published number matches this output: model family {', '.join(fams)} "
+                "has published numbers, but none for these (task, method, metric) "
+                "combinations on the named datasets."
+            )
+        blocks.append(("p", msg))
+        return Section("Published numbers", blocks)
+    budgets = _unique_str(_col(runs, "budget")) if not runs.empty else []
+    if budgets:
+        blocks.append(("p", "This sweep's budget: " + "; ".join(budgets)))
+    headers = [
+        "task", "method", "metric", "variant", "ours (mean ± std)", "n seeds", "our rank",
+        "published", "published rank", "delta (ours - published)", "source", "published setting",
+    ]  # fmt: skip
+
+    def as_rows(df: pd.DataFrame) -> list[list]:
+        return [
+            [
+                r["task"],
+                r["method"],
+                r["metric"],
+                r["variant"] or "-",
+                fmt_mean_std(r["our_mean"], r["our_std"]),
+                _fmt_any(r["our_n_seeds"]),
+                _fmt_any(r["our_rank"]),
+                fmt_mean_std(r["published_value"], r["published_std"]),
+                _fmt_any(r["published_rank"]),
+                fmt_delta(r["delta"]),
+                r["source"],
+                r["setting"],
+            ]  # fmt: skip
+            for r in df.to_dict("records")
+        ]
+
+    same = matches[matches["rank_match"].fillna(False).astype(bool)]
+    other = matches[~matches.index.isin(same.index)]
+    if len(same):
+        blocks.append(("h3", "Same model family, task, method, metric and rank"))
+        blocks.append(("table", Table(headers, as_rows(same))))
+    if len(other):
+        blocks.append(("h3", "Same model family, task, method and metric; rank differs or unknown"))
+        blocks.append(("table", Table(headers, as_rows(other))))
+    return Section("Published numbers", blocks)
+
+
+def _data_flags(kinds: list[str], sources: list[str]) -> list[str]:
+    flags = []
+    for kind in kinds:
+        if "stand" in kind.lower():
+            flags.append(
+                f"data_kind {kind!r}: STAND-IN data - real data of the same kind, not the "
+                "named dataset; not comparable to published numbers on the named dataset."
+            )
+        elif kind != "hub":
+            flags.append(
+                f"data_kind {kind!r}: not read from the Hugging Face hub; a local copy "
+                "(origin, path and fingerprint per split below)."
+            )
+    if any(re.search(r"stand[- _]?in", s, re.IGNORECASE) for s in sources):
+        flags.append(
+            "data_source or protocol mentions a stand-in: some split is not the named dataset "
+            "(see the Data table below)."
+        )
+    return flags
+
+
+def _model_flags(models: pd.DataFrame) -> list[str]:
+    flags = []
+    for r in models.to_dict("records"):
+        text = " ".join(str(r.get(c) or "") for c in ("model_id", "model_revision", "model_source"))
+        if "random-init" in text.lower() or "random_init" in text.lower():
+            flags.append(
+                f"model {r.get('model_id')}: RANDOM-INIT, NOT PRETRAINED - a pipeline check "
+                "only; its scores say nothing about the method on a pretrained model."
+            )
+        if str(r.get("model_source") or "").startswith("pypi-package:"):
+            flags.append(
+                f"model {r.get('model_id')}: loaded from a packaged copy "
+                f"({r.get('model_revision')}), not from the hub."
+            )
+    return flags
+
+
+def _split_rows(task: str, source: Any) -> list[list]:
+    prov = _json(source)
+    if not isinstance(prov, dict):
+        return [[task, "-", _fmt_any(source), "", "", "", "", ""]]
+    used_test = prov.get("test_rows") if isinstance(prov.get("test_rows"), dict) else {}
+    splits = []
+    if isinstance(prov.get("train"), dict):
+        used = f"{prov.get('train_rows', NA)} train + {prov.get('selection_rows', NA)} selection"
+        splits.append(("train", prov["train"], used))
+    for name, p in (prov.get("test") or {}).items():
+        if isinstance(p, dict):
+            splits.append((f"test:{name}", p, _fmt_any(used_test.get(name))))
+    out = []
+    for name, p, used in splits:
+        known = {"source", "path", "origin", "rows", "fingerprint"}
+        rest = {k: v for k, v in p.items() if k not in known}
+        out.append(
+            [
+                task,
+                name,
+                _fmt_any(p.get("source")),
+                _fmt_any(p.get("path") or p.get("hub_id") or p.get("repo")),
+                _fmt_any(p.get("origin")),
+                _fmt_any(p.get("rows")),
+                used,
+                _fmt_any(p.get("fingerprint"))
+                + (f" {json.dumps(rest, sort_keys=True)}" if rest else ""),
+            ]
+        )
+    return out
+
+
+def _provenance_section(runs: pd.DataFrame, board: pd.DataFrame) -> Section:
+    src = runs if not runs.empty else board
+    blocks: list[tuple[str, Any]] = []
+    mcols = [c for c in ("model_id", "model_revision", "model_source") if c in src.columns]
+    models = src[mcols].drop_duplicates() if mcols else pd.DataFrame()
+    kinds = _unique_str(_col(src, "data_kind"))
+    sources = _unique_str(_col(src, "data_source")) + _unique_str(_col(src, "protocol"))
+    for flag in _model_flags(models) + _data_flags(kinds, sources):
+        blocks.append(("warn", flag))
+    blocks.append(("h3", "Model"))
+    blocks.append(
+        (
+            "table",
+            Table(
+                ["model_id", "model_revision", "model_source"],
+                [[_fmt_any(r.get(c)) for c in mcols] for r in models.to_dict("records")],
+            ),
+        )
+    )
+    blocks.append(("h3", "Data"))
+    blocks.append(("p", "data_kind: " + (", ".join(kinds) or NA)))
+    data_rows: list[list] = []
+    if {"task", "data_source"} <= set(src.columns):
+        for task, g in src.groupby("task", sort=True):
+            for source in _unique_str(g["data_source"]):
+                data_rows += _split_rows(str(task), source)
+    blocks.append(
+        (
+            "table",
+            Table(
+                [
+                    "task",
+                    "split",
+                    "source",
+                    "path",
+                    "origin",
+                    "rows in split",
+                    "rows used",
+                    "fingerprint",
+                ],
+                data_rows,
+            ),
+        )
+    )
+    info = []
+    for col, label in (
+        ("sweep", "sweep"), ("protocol", "protocol"), ("budget", "budget"),
+        ("git_commit", "git commit"), ("device", "device"), ("hostname", "hostname"),
+        ("threads", "threads per trial"), ("peak_memory_kind", "peak memory kind"),
+    ):  # fmt: skip
+        values = _unique_str(_col(src, col))
+        if values:
+            info.append([label, "; ".join(values)])
+    started = _unique_str(_col(src, "started_at"))
+    if started:
+        info.append(["started", f"{started[0]} … {started[-1]}"])
+    if any("+dirty" in v for v in _unique_str(_col(src, "git_commit"))):
+        blocks.append(("warn", "A git commit is marked +dirty: uncommitted code produced rows."))
+    blocks.append(("h3", "Runs"))
+    blocks.append(("table", Table(["field", "value(s)"], info)))
+    versions: dict[str, set[str]] = {}
+    for text in _unique_str(_col(src, "packages")):
+        parsed = _json(text)
+        if isinstance(parsed, dict):
+            for k, v in parsed.items():
+                versions.setdefault(str(k), set()).add(str(v))
+        elif isinstance(parsed, list):  # leaderboard _unique of several JSON strings
+            for item in parsed:
+                inner = _json(item)
+                if isinstance(inner, dict):
+                    for k, v in inner.items():
+                        versions.setdefault(str(k), set()).add(str(v))
+    blocks.append(("h3", "Packages"))
+    blocks.append(
+        (
+            "table",
+            Table(
+                ["package", "version(s)"],
+                [[k, ", ".join(sorted(v))] for k, v in sorted(versions.items())],
+            ),
+        )
+    )
+    return Section("Provenance", blocks)
+
+
+def _build_sections(runs: pd.DataFrame, board: pd.DataFrame) -> tuple[str, list[Section]]:
+    sweep = ", ".join(_unique_str(_col(runs if not runs.empty else board, "sweep"))) or "sweep"
+    tasks = list(dict.fromkeys(str(t) for t in board["task"])) if len(board) else []
+    methods = sorted({str(m) for m in board["method"]}) if len(board) else []
+    colors = _method_colors(methods)
+    sections: list[Section] = []
+
+    n_runs = len(runs)
+    status = runs["status"].value_counts().to_dict() if "status" in runs.columns else {}
+    summary = [
+        (
+            "p",
+            f"{n_runs} runs ({', '.join(f'{v} {k}' for k, v in sorted(status.items())) or 'none'}"
+            f"), {len(methods)} methods x {len(tasks)} tasks; models: "
+            f"{', '.join(_unique_str(_col(board, 'model_id'))) or NA}.",
+        ),
+        (
+            "p",
+            "Each method's LR is chosen by the mean selection score (a split carved from "
+            "train); the test columns are the official evaluation split at that LR, mean ± "
+            "std (ddof 1) over seeds. An LR with any failed or diverged seed is not eligible.",
+        ),
+    ]
+    src = runs if not runs.empty else board
+    mcols = [c for c in ("model_id", "model_revision", "model_source") if c in src.columns]
+    flags = _model_flags(src[mcols].drop_duplicates() if mcols else pd.DataFrame())
+    sources = _unique_str(_col(src, "data_source")) + _unique_str(_col(src, "protocol"))
+    flags += _data_flags(_unique_str(_col(src, "data_kind")), sources)
+    summary += [("warn", f) for f in flags]
+    protocols = _unique_str(_col(src, "protocol"))
+    if protocols:
+        summary.append(
+            (
+                "p",
+                "Protocol(s), as the rows record them (which split stands in as the test split, "
+                "e.g. GLUE's official validation split since its test labels are hidden): "
+                + "; ".join(protocols),
+            )
+        )
+    sections.append(Section("Summary", summary))
+
+    sections.append(Section("Leaderboard", [("ltable", _leaderboard_table(board))]))
+
+    lr_blocks: list[tuple[str, Any]] = []
+    loss_blocks: list[tuple[str, Any]] = []
+    cost_blocks: list[tuple[str, Any]] = []
+    front_rows: list[list] = []
+    for task in tasks:
+        if not runs.empty:
+            fig = _lr_figure(task, runs, board, colors)
+            if fig:
+                lr_blocks.append(("fig", fig))
+            fig = _loss_figure(task, runs, board, colors)
+            if fig:
+                loss_blocks.append(("fig", fig))
+        fig, rows = _cost_figure(task, board, colors)
+        if fig:
+            cost_blocks.append(("fig", fig))
+        front_rows += rows
+    if front_rows:
+        cost_blocks.append(("table", Table(["task", "cost", "Pareto-optimal methods"], front_rows)))
+    none = ("p", "No finished runs to plot.")
+    sections.append(Section("Score vs learning rate", lr_blocks or [none]))
+    sections.append(Section("Training loss", loss_blocks or [none]))
+    sections.append(Section("Cost vs score", cost_blocks or [none]))
+    sections.append(_published_section(board, runs))
+
+    if "status" in runs.columns:
+        bad = runs[runs["status"] != "ok"]
+        if len(bad):
+            rows = [
+                [
+                    r.get("task"),
+                    r.get("method"),
+                    fmt_lr(r.get("lr")),
+                    _fmt_any(r.get("seed")),
+                    r.get("status"),
+                    str(r.get("error") or "")[:500],
+                ]  # fmt: skip
+                for r in bad.to_dict("records")
+            ]
+            table = Table(["task", "method", "LR", "seed", "status", "error"], rows)
+            sections.append(Section("Failed and diverged runs", [("table", table)]))
+
+    cfg_rows = []
+    cfg_src = runs if "method_config" in runs.columns else board
+    if "method_config" in cfg_src.columns:
+        for method, g in cfg_src.groupby("method", sort=True):
+            for cfg in _unique_str(g["method_config"]):
+                cfg_rows.append([method, cfg])
+    sections.append(
+        Section("Method configurations", [("table", Table(["method", "method_config"], cfg_rows))])
+    )
+    sections.append(_provenance_section(runs, board))
+    return sweep, sections
+
+
+# -- rendering ------------------------------------------------------------------------------
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:2em;
+color:#1a1a1a;background:#fff;max-width:1500px}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ccd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}
+th,td{border:1px solid #ccd;padding:.25em .5em;text-align:left;vertical-align:top}
+th{background:#eef0f6}tbody tr:nth-child(even){background:#f8f9fc}
+td{max-width:40em;overflow-wrap:anywhere}
+.nowrap td{white-space:nowrap}
+.warn{background:#fff4d6;border-left:5px solid #e0a000;padding:.5em .8em;margin:.5em 0}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #dde}
+figcaption{font-size:.85em;color:#444;max-width:70em}
+"""
+
+
+def _render_html(title: str, sections: list[Section]) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_h(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{_h(title)}</h1>",
+        "<nav><p>" + " · ".join(
+            f'<a href="#{_slug(s.title)}">{_h(s.title)}</a>' for s in sections
+        ) + "</p></nav>",
+    ]  # fmt: skip
+    for s in sections:
+        parts.append(f'<section id="{_slug(s.title)}"><h2>{_h(s.title)}</h2>')
+        for kind, item in s.blocks:
+            if kind == "p":
+                parts.append(f"<p>{_h(item)}</p>")
+            elif kind == "h3":
+                parts.append(f"<h3>{_h(item)}</h3>")
+            elif kind == "warn":
+                parts.append(f'<div class="warn">{_h(item)}</div>')
+            elif kind == "table":
+                parts.append(item.html())
+            elif kind == "ltable":
+                parts.append(item.html(cls="nowrap"))
+            elif kind == "fig":
+                data = base64.b64encode(item.png).decode("ascii")
+                parts.append(
+                    f'<figure><img alt="{_h(item.title)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{_h(item.caption)}</figcaption></figure>"
+                )
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _render_md(title: str, sections: list[Section]) -> str:
+    lines = [f"# {_md(title)}", ""]
+    for s in sections:
+        lines += [f"## {_md(s.title)}", ""]
+        for kind, item in s.blocks:
+            if kind == "p":
+                lines += [_md(item), ""]
+            elif kind == "h3":
+                lines += [f"### {_md(item)}", ""]
+            elif kind == "warn":
+                lines += [f"> **Note:** {_md(item)}", ""]
+            elif kind in ("table", "ltable"):
+                lines += [item.md(), ""]
+            elif kind == "fig":
+                lines += [f"![{_md(item.title)}]({item.name})", "", f"*{_md(item.caption)}*", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `<out>/report/index.html` and `<out>/report/report.md` (+ PNGs); return both paths."""
+    out = Path(out_dir)
+    runs, board = _read(out)
+    sweep, sections = _build_sections(runs, board)
+    title = f"Report: {sweep} ({out.name})"
+    report = out / REPORT_DIR
+    report.mkdir(parents=True, exist_ok=True)
+    for old in report.glob(f"{FIG_PREFIX}*.png"):  # figures of a previous report
+        old.unlink()
+    for s in sections:
+        for kind, item in s.blocks:
+            if kind == "fig":
+                (report / item.name).write_bytes(item.png)
+    html_path, md_path = report / HTML_FILE, report / MD_FILE
+    html_path.write_text(_render_html(title, sections), encoding="utf-8")
+    md_path.write_text(_render_md(title, sections), encoding="utf-8")
+    return html_path, md_path
