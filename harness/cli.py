@@ -52,12 +52,12 @@ def _list(args: argparse.Namespace) -> int:
         import methods
 
         for name in methods.method_names():
-            print(f"{name:12s} {methods.get_method(name).description}")
+            print(f"{name:10s} {methods.get_method(name).description}")
     else:
         import tasks
 
         for task_id in tasks.task_ids():
-            print(f"{task_id:14s} {tasks.get_task(task_id).description}")
+            print(f"{task_id:22s} {tasks.get_task(task_id).description}")
     return 0
 
 
