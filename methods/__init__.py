@@ -25,4 +25,5 @@ from methods import (  # noqa: E402,F401
     lora_sb,
     pissa,
     rslora,
+    sds_lora,
 )
