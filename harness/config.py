@@ -10,13 +10,21 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
 MODEL_DIR_ENV = "HARNESS_MODEL_DIR"
+STORAGE_PATH_ENV = "HARNESS_STORAGE_PATH"
 
 
 class ConfigError(ValueError):
@@ -57,10 +65,24 @@ class Budget(_Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    schedule: Literal["linear", "cosine"] | None = Field(
+        None,
+        description="LR schedule after the warm-up; None = linear decay. cosine: distributed "
+        "trials only until harness/train.py implements it",
+    )
 
     def model_post_init(self, __context: Any) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("budget needs exactly one of max_steps or epochs")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_later_options(self, handler):
+        # Rows record the budget as JSON: options added later appear only when set, so rows
+        # of the same budget written before and after they existed read the same.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("schedule") is None:
+            data.pop("schedule", None)
+        return data
 
 
 class EvalConfig(_Strict):
@@ -76,11 +98,102 @@ class EvalConfig(_Strict):
 class Resources(_Strict):
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
+    smoke: bool = Field(
+        False,
+        description="a smoke run: allows a fractional gpus_per_trial; its rows carry no "
+        "timing or memory numbers and never stand in for a real run's key",
+    )
+
+    def model_post_init(self, __context: Any) -> None:
+        fractional = self.gpus_per_trial != int(self.gpus_per_trial)
+        if fractional and not self.smoke:
+            raise ValueError(
+                f"gpus_per_trial {self.gpus_per_trial:g} shares a GPU between trials, which "
+                "falsifies timing and memory rows; allowed only with `smoke: true`"
+            )
 
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address; None = local Ray")
-    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="None: distributed trials derive it from cluster GPUs / trial"
+    )
+    storage_path: str | None = Field(
+        None,
+        description=f"Ray Tune/Train storage: s3://, gs:// or a shared (NFS) folder; None = "
+        f"${STORAGE_PATH_ENV}, else <output_dir>/ray (refused on a multi-node cluster)",
+    )
+    shared_storage: bool = Field(
+        False, description="declare a local-looking storage_path as shared by every node"
+    )
+
+
+class DistributedConfig(_Strict):
+    """Multi-GPU trials: a Tune driver runs a Ray Train TorchTrainer under DeepSpeed ZeRO.
+
+    The global batch is `budget.batch_size`; each rank runs `micro_batch_size` examples per
+    micro-step and accumulates gradients over `global / (micro x world)` micro-steps.
+    """
+
+    gpus_per_trial: int = Field(
+        0, ge=0, description="GPUs per trial, one Ray Train worker each; > 1 = distributed path"
+    )
+    workers: int | None = Field(
+        None, gt=0, description="explicit worker count (CPU runs over gloo: gpus_per_trial 0)"
+    )
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: Literal[2, 3] = 3
+    offload_optimizer: bool = Field(False, description="optimizer states + fp32 master on CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters on CPU")
+    gradient_checkpointing: bool = True
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="per-rank micro-batch; None = global / world (no accumulation)"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    max_failures: int = Field(1, ge=-1, description="Ray Train: worker-group restarts per trial")
+    trial_max_failures: int = Field(1, ge=-1, description="Ray Tune: retries of a trial driver")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="DeepSpeed checkpoint to Ray storage every N steps (restarts "
+        "resume from it); None = none",
+    )
+    save_adapter: bool = Field(
+        False, description="save the trained adapter (trainable params only) to Ray storage"
+    )
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.workers and self.gpus_per_trial and self.workers != self.gpus_per_trial:
+            raise ValueError(
+                f"workers ({self.workers}) and gpus_per_trial ({self.gpus_per_trial}) disagree; "
+                "each worker drives one GPU"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (ZeRO-2 does not partition "
+                             "parameters)")  # fmt: skip
+
+    @property
+    def world_size(self) -> int:
+        return self.workers or max(1, self.gpus_per_trial)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether trials take the distributed (Ray Train) path."""
+        return self.workers is not None or self.gpus_per_trial > 1
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_trial > 0
+
+    def key_payload(self) -> dict[str, Any]:
+        """What changes a trial's numbers (enters the content key); retries, checkpoint
+        cadence and CPU reservations do not."""
+        return self.model_dump(
+            exclude={"cpus_per_worker", "max_failures", "trial_max_failures",
+                     "checkpoint_every_steps", "save_adapter"}
+        ) | {"world_size": self.world_size}  # fmt: skip
 
 
 class SweepConfig(_Strict):
@@ -93,6 +206,9 @@ class SweepConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: Resources = Field(default_factory=Resources)
     ray: RayConfig = Field(default_factory=RayConfig)
+    distributed: DistributedConfig | None = Field(
+        None, description="multi-GPU trials (Ray Train + DeepSpeed); None = single device"
+    )
     output_dir: str
     data_dir: str | None = Field(None, description=f"data mirror; default ${DATA_DIR_ENV}")
     model_dir: str | None = Field(None, description=f"local model folders; ${MODEL_DIR_ENV}")
@@ -103,8 +219,13 @@ class SweepConfig(_Strict):
     def resolved_model_dir(self) -> str | None:
         return self.model_dir or os.environ.get(MODEL_DIR_ENV) or None
 
+    def resolved_storage_path(self) -> str | None:
+        return self.ray.storage_path or os.environ.get(STORAGE_PATH_ENV) or None
 
-_LATER_OPTIONS = (("eval", "max_new_tokens"),)
+
+_LATER_OPTIONS = (("eval", "max_new_tokens"), ("budget", "schedule"))
+# Top-level TrialSpec fields added later: in the key only when set (not None / not False).
+_LATER_FIELDS = ("distributed", "smoke")
 
 
 class TrialSpec(BaseModel):
@@ -125,6 +246,8 @@ class TrialSpec(BaseModel):
     data_dir: str | None
     model_dir: str | None
     threads: int = 1
+    distributed: DistributedConfig | None = None
+    smoke: bool = False
 
     def key(self) -> str:
         """Content key: identical specs (same data location aside) share results."""
@@ -134,6 +257,11 @@ class TrialSpec(BaseModel):
         for section, option in _LATER_OPTIONS:
             if payload[section].get(option) is None:
                 payload[section].pop(option, None)
+        for name in _LATER_FIELDS:
+            if not payload.get(name):
+                payload.pop(name, None)
+        if self.distributed is not None:
+            payload["distributed"] = self.distributed.key_payload()
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -197,6 +325,7 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
             problems.append(f"methods.{name}.overrides: " + _format(err).strip().lstrip("- "))
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         problems.append(f"data_dir {cfg.data_dir!r} is not a directory")
+    problems += _distributed_problems(cfg, valid_methods)
     if problems:
         return problems
     try:
@@ -214,6 +343,81 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
                 f"(its linear layers end in: {', '.join(structure.linear_suffixes())})"
             )
     return problems
+
+
+def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:
+    """The distributed section against the rest of the sweep (batch arithmetic, methods)."""
+    dist = cfg.distributed
+    problems: list[str] = []
+    on_distributed_path = dist is not None and dist.enabled
+    if cfg.budget.schedule == "cosine" and not on_distributed_path:
+        problems.append(
+            "budget.schedule cosine is implemented by the distributed path only (set "
+            "distributed.gpus_per_trial > 1 or distributed.workers); the single-device loop "
+            "in harness/train.py decays linearly"
+        )
+    if dist is not None and not dist.enabled:
+        if dist.gpus_per_trial != cfg.resources.gpus_per_trial:
+            problems.append(
+                f"distributed.gpus_per_trial {dist.gpus_per_trial} takes the single-device path "
+                f"(distributed needs > 1 GPU or `workers`), which reserves "
+                f"resources.gpus_per_trial ({cfg.resources.gpus_per_trial:g}); make them agree"
+            )
+    if not on_distributed_path:
+        return problems
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            "distributed trials need DeepSpeed: DS_BUILD_OPS=0 pip install -e '.[cluster]' "
+            "(on every node)"
+        )
+    if cfg.resources.gpus_per_trial and cfg.resources.gpus_per_trial != dist.gpus_per_trial:
+        problems.append(
+            f"resources.gpus_per_trial ({cfg.resources.gpus_per_trial:g}) and "
+            f"distributed.gpus_per_trial ({dist.gpus_per_trial}) disagree; distributed trials "
+            "take their GPUs from the distributed section"
+        )
+    from harness.deepspeed_config import BatchError, batch_plan
+
+    try:
+        batch_plan(cfg.budget.batch_size, dist.world_size, dist.micro_batch_size)
+    except BatchError as err:
+        problems.append(f"distributed: {err}")
+    if cfg.budget.train_rows is not None and cfg.budget.train_rows < cfg.budget.batch_size:
+        problems.append(
+            f"budget.train_rows ({cfg.budget.train_rows}) is smaller than one global batch "
+            f"({cfg.budget.batch_size}); distributed trials drop incomplete global batches"
+        )
+    import methods
+
+    for name, hp in hps.items():
+        reason = _zero_unsupported(methods.get_method(name), hp)
+        if reason:
+            problems.append(f"methods.{name}: not supported under DeepSpeed ZeRO: {reason}")
+    return problems
+
+
+def _zero_unsupported(method: Any, hp: Any) -> str | None:
+    """Why a method cannot train under ZeRO (None if it can).
+
+    ZeRO flattens the trainable parameters into per-rank fp32 partitions that the engine
+    owns, so an optimizer that needs whole matrices (the Riemannian preconditioners) or a
+    callback that rewrites parameters and optimizer state mid-run cannot see them.
+    """
+    from methods.base import Method
+
+    if type(method).callbacks is not Method.callbacks:
+        return (
+            f"{method.name}'s training callbacks rewrite parameters/optimizer state, which "
+            "ZeRO partitions (needs deepspeed.utils.safe_set_full_fp32_param support)"
+        )
+    if getattr(hp, "optimizer", "adamw") not in ("adamw", None):
+        return (
+            f"optimizer {hp.optimizer!r} preconditions whole r x r blocks; ZeRO hands the "
+            "optimizer flat partitions (use optimizer: adamw)"
+        )
+    return None
 
 
 def expand(cfg: SweepConfig) -> list[TrialSpec]:
@@ -234,6 +438,8 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
             data_dir=cfg.resolved_data_dir(),
             model_dir=cfg.resolved_model_dir(),
             threads=threads,
+            distributed=cfg.distributed if cfg.distributed and cfg.distributed.enabled else None,
+            smoke=cfg.resources.smoke,
         )
         for task in cfg.tasks
         for method, sweep in cfg.methods.items()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness import provenance
+from harness import distributed, provenance
 from harness.config import SweepConfig, TrialSpec, expand
 from harness.results import append_runs, format_leaderboard, read_runs, write_leaderboard
 from harness.trial import STATUS_FAILED, base_row, run_trial
@@ -26,6 +26,8 @@ def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
     from ray import tune
 
     row = run_trial(specs[config["index"]])
+    if specs[config["index"]].get("smoke"):  # a GPU shared by fractional trials
+        row = _smoke_row(row)
     tune.report(
         {
             "record": json.dumps(row, default=str),
@@ -34,6 +36,18 @@ def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
             "test_score": row.get("test_score"),
         }
     )
+
+
+# Smoke rows: fractional GPUs give no timing or memory numbers.
+SMOKE_NULLED = ("train_time_s", "samples_per_s", "tokens_per_s", "peak_memory_mb",
+                "init_time_s", "eval_time_s")  # fmt: skip
+
+
+def _smoke_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Fractional GPUs (`resources.smoke`): the GPU was shared, so no timing/memory numbers."""
+    row = {**row, **dict.fromkeys(SMOKE_NULLED)}
+    row["peak_memory_kind"] = "not measured: smoke run on a shared GPU"
+    return row
 
 
 def _crash_row(spec: TrialSpec, error: str) -> dict[str, Any]:
@@ -117,6 +131,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
     if todo:
         address = address or cfg.ray.address
         env = {"HARNESS_GIT_COMMIT": provenance.git_commit(), "TOKENIZERS_PARALLELISM": "false"}
+        env["RAY_TRAIN_V2_ENABLED"] = "1"  # distributed trials use Train V2
         ray.init(
             address=address,
             runtime_env={"env_vars": env},
@@ -126,15 +141,22 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
         )
         try:
             payload = [s.model_dump(mode="json") for s in todo]
-            resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
-            trainable = tune.with_resources(
-                tune.with_parameters(_trainable, specs=payload), resources
-            )
+            # Refuse node-local storage across nodes; multi-GPU trials drive a TorchTrainer.
+            storage = distributed.storage_path(cfg, out_dir)
+            distributed.check_storage(storage, distributed.alive_nodes(), cfg.ray.shared_storage)
+            if distributed.is_distributed(cfg):
+                trainable, max_concurrent, failure = distributed.tune_setup(cfg, payload, storage)
+            else:
+                res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
+                trainable = tune.with_resources(
+                    tune.with_parameters(_trainable, specs=payload), res
+                )
+                max_concurrent, failure = cfg.ray.max_concurrent_trials, None
             tuner = tune.Tuner(
                 trainable,
                 param_space={"index": tune.grid_search(list(range(len(todo))))},
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=cfg.ray.max_concurrent_trials,
+                    max_concurrent_trials=max_concurrent,
                     # Reusing workers saves re-importing torch/transformers per trial; peak
                     # memory is reset per trial (harness.memory), seeds are set per trial.
                     reuse_actors=True,
@@ -143,7 +165,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                 ),
                 run_config=tune.RunConfig(
                     name=cfg.name,
-                    storage_path=str(out_dir / "ray"),
+                    storage_path=storage,
+                    failure_config=failure,  # Tune-level retries of a driver
                     callbacks=[_make_callback(out_dir, todo)],
                     verbose=0,
                 ),

@@ -1,0 +1,766 @@
+"""Multi-GPU trials: a Tune driver per trial runs a Ray Train `TorchTrainer` under DeepSpeed.
+
+Ray 2.60 (Train V2) no longer accepts a Trainer inside `Tuner`; each trial is a Tune function
+trainable (`driver`) that builds and fits a `TorchTrainer` itself:
+
+    Tune trial `driver` (0.1 CPU)  ->  TorchTrainer(num_workers = world size)
+                                        -> `_worker_loop` on every rank -> rank 0's row
+
+Every rank runs the trial of `harness.trial.run_trial` with the same pieces (task splits,
+pipeline, method, sanity checks, evaluators, result row), distributed:
+
+- data: each optimizer step consumes one global batch (`budget.batch_size`) drawn in the
+  same seeded order as the single-device loop (incomplete last batches are dropped); rank r
+  takes its contiguous share and splits it into `accumulation` micro-batches;
+- init: the model is loaded and the method prepared on every rank *before* DeepSpeed
+  partitions it, so methods read base weights as on one device; data-informed inits see this
+  rank's share of the init batches and the shared estimator all-reduces the gradient sums
+  and counts, so every rank computes the same initialisation (the random state is restored
+  after the rank-specific init batches; the row records a bitwise digest of the adapter per
+  rank, and differing digests fail the trial);
+- training: `deepspeed.initialize` with the rendered ZeRO-2/3 config around the prepared
+  model and the method's own optimizer (LoRA+ param groups kept); the losses are averaged
+  over micro-batches and ranks before the divergence check, so every rank agrees;
+- after partitioning, base weights are read only under `deepspeed.zero.GatheredParameters`
+  (the merge check), and the adapter is saved by gathering only the trainable parameters;
+- evaluation: every rank evaluates (ZeRO-3 forwards are collective), rank 0 reports.
+
+Failures: `FailureConfig(max_failures)` at the Train level restarts the worker group (from
+the latest DeepSpeed checkpoint when `checkpoint_every_steps` is set), and
+`FailureConfig(trial_max_failures)` at the Tune level restarts a lost driver. The Train run
+is named after the trial's content key, so any restart - a retry, or rerunning the sweep
+command - finds and restores the same run in storage.
+
+Reuse: `_run_rank` calls the pieces `harness.trial` uses (tasks, `build_pipeline`, the method
+registry, `sanity`, `memory`, `base_row`, `count_params`, `_data_kind`, `_majority_baseline`)
+in `_run`'s order. The orchestration between them mirrors `trial._run` until trial.py
+exposes its steps as functions (data/pipeline, method preparation with an `init_batches`
+argument, evaluation, merge check); then both paths should call those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import ConfigError, DistributedConfig, SweepConfig, TrialSpec
+from harness.trial import STATUS_DIVERGED, STATUS_FAILED, base_row
+
+DRIVER_CPUS = 0.1  # a Tune driver only waits on its TorchTrainer; Ray refuses 0
+# Remote or shared storage every node reaches; anything else is one machine's disk.
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://")
+SHARED_FILESYSTEMS = {
+    "nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs",
+    "fuse.glusterfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.mountpoint-s3",
+    "fuse.cephfs", "efs", "wekafs", "panfs",
+}  # fmt: skip
+# Test hook: a worker raises at this step once (not after a restore), to exercise restarts.
+FAIL_ONCE_ENV = "HARNESS_TEST_FAIL_ONCE_AT_STEP"
+# What a DeepSpeed checkpoint carries besides the weights, optimizer and scheduler.
+CLIENT_STATE = ("step", "losses", "curve", "eval_curve", "train_time", "tokens")
+
+
+# ---------------------------------------------------------------- driver side (the sweep)
+
+
+def is_distributed(cfg: SweepConfig) -> bool:
+    return cfg.distributed is not None and cfg.distributed.enabled
+
+
+def storage_path(cfg: SweepConfig, out_dir: Path) -> str:
+    """Where Ray Tune and Ray Train persist: config/env, else <output_dir>/ray."""
+    return cfg.resolved_storage_path() or str(out_dir / "ray")
+
+
+def is_shared_storage(path: str) -> bool:
+    """A cloud URI, or a folder on a network filesystem (from /proc/mounts)."""
+    if path.startswith(REMOTE_SCHEMES):
+        return True
+    if "://" in path:  # other fsspec/pyarrow schemes (e.g. file://) are not known shared
+        return False
+    return mount_fstype(path) in SHARED_FILESYSTEMS
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type of the mount holding `path` (its nearest existing parent)."""
+    target = Path(path).expanduser().absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    best, fstype = "", None
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(target) == point or str(target).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
+def check_storage(path: str, alive_nodes: int, declared_shared: bool = False) -> None:
+    """Refuse node-local storage on a multi-node cluster (trials would write where the
+    driver and the other nodes cannot read, and restoring would find nothing)."""
+    if alive_nodes <= 1 or declared_shared or is_shared_storage(path):
+        return
+    raise ConfigError(
+        f"the Ray cluster has {alive_nodes} nodes but the storage path {path!r} is on local "
+        f"disk ({mount_fstype(path) or 'unknown filesystem'}), which the other nodes cannot "
+        "read: set ray.storage_path (or $HARNESS_STORAGE_PATH) to s3://bucket/prefix, "
+        "gs://bucket/prefix or a folder on a filesystem every node mounts (NFS); if that "
+        "folder is shared but not recognised, also set ray.shared_storage: true"
+    )
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def derived_max_concurrent(dist: DistributedConfig, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: cluster GPUs / GPUs per trial (and CPUs for the workers)."""
+    per_trial_cpus = DRIVER_CPUS + dist.world_size * dist.cpus_per_worker
+    fit = int(cluster.get("CPU", 0) // per_trial_cpus)
+    if dist.use_gpu:
+        fit = min(fit, int(cluster.get("GPU", 0) // dist.gpus_per_trial))
+    return max(1, fit)
+
+
+def train_run_name(spec: TrialSpec) -> str:
+    """Stable per trial (content key), so a restart finds the same Train run in storage."""
+    task = spec.task.replace("/", "-")
+    return f"{spec.method}_{task}_lr{spec.lr:g}_s{spec.seed}_{spec.key()}"
+
+
+def tune_setup(cfg: SweepConfig, payload: list[dict[str, Any]], storage: str):
+    """(trainable, max_concurrent_trials, tune FailureConfig) for a distributed sweep."""
+    import ray
+    from ray import tune
+
+    dist = cfg.distributed
+    assert dist is not None and dist.enabled
+    max_concurrent = cfg.ray.max_concurrent_trials or derived_max_concurrent(
+        dist, ray.cluster_resources()
+    )
+    train_storage = storage.rstrip("/") + f"/{cfg.name}_train"
+    trainable = tune.with_resources(
+        tune.with_parameters(driver, specs=payload, train_storage=train_storage),
+        {"cpu": DRIVER_CPUS},
+    )
+    failure = tune.FailureConfig(max_failures=dist.trial_max_failures)
+    return trainable, max_concurrent, failure
+
+
+def driver(config: dict[str, Any], specs: list[dict[str, Any]], train_storage: str) -> None:
+    """The Tune function trainable of one distributed trial: fit a TorchTrainer, report."""
+    from ray import tune
+
+    row = run_distributed_trial(TrialSpec(**specs[config["index"]]), train_storage)
+    tune.report(
+        {
+            "record": json.dumps(row, default=str),
+            "status": row["status"],
+            "selection_score": row.get("selection_score"),
+            "test_score": row.get("test_score"),
+        }
+    )
+
+
+def run_distributed_trial(spec: TrialSpec, train_storage: str) -> dict[str, Any]:
+    """One trial on `spec.distributed.world_size` Ray Train workers; never raises."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    dist = spec.distributed
+    assert dist is not None
+    started = time.perf_counter()
+    try:
+        resources = {"CPU": dist.cpus_per_worker} | ({"GPU": 1} if dist.use_gpu else {})
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"spec": spec.model_dump(mode="json")},
+            torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=dist.world_size,
+                use_gpu=dist.use_gpu,
+                resources_per_worker=resources,
+            ),
+            run_config=RunConfig(
+                name=train_run_name(spec),
+                storage_path=train_storage,
+                failure_config=FailureConfig(max_failures=dist.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
+        row = result.return_value
+        if not isinstance(row, dict):
+            raise RuntimeError(f"rank 0 returned no result row (got {type(row).__name__})")
+        if result.checkpoint is not None and dist.save_adapter:
+            row["adapter_path"] = result.checkpoint.path
+    except Exception as err:  # noqa: BLE001 - a row, never a lost trial
+        row = base_row(spec, status=STATUS_FAILED, error=f"{type(err).__name__}: {err}")
+        row["traceback"] = traceback.format_exc(limit=20)
+    row["wall_time_s"] = time.perf_counter() - started
+    return row
+
+
+# ---------------------------------------------------------------- data: per-rank shares
+
+
+class RankShares:
+    """This rank's micro-batches of each global batch, in the single-device loop's order.
+
+    A DataLoader over the row indices with the same seeded generator draws the same
+    permutation as `pipeline.loader(global_batch, seed)`; incomplete global batches are
+    dropped so every rank has `accumulation` full micro-batches every step.
+    """
+
+    def __init__(self, pipeline, plan, rank: int, device) -> None:
+        if len(pipeline.train_rows) < plan.global_batch:
+            raise ValueError(
+                f"{len(pipeline.train_rows)} train rows cannot fill one global batch of "
+                f"{plan.global_batch}"
+            )
+        self.pipeline, self.plan, self.rank, self.device = pipeline, plan, rank, device
+
+    def steps(self, seed: int) -> Iterator[list[list[int]]]:
+        """Endless: per optimizer step, this rank's micro-batches as row-index lists."""
+        from torch.utils.data import DataLoader
+
+        plan = self.plan
+        generator = torch.Generator().manual_seed(seed)
+        order = DataLoader(
+            range(len(self.pipeline.train_rows)),
+            batch_size=plan.global_batch,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+            collate_fn=list,
+        )
+        lo = self.rank * plan.per_rank
+        while True:
+            for indices in order:
+                mine = indices[lo : lo + plan.per_rank]
+                yield [
+                    mine[i * plan.micro_batch : (i + 1) * plan.micro_batch]
+                    for i in range(plan.accumulation)
+                ]
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.pipeline.train_rows[i] for i in indices]
+        return {k: v.to(self.device) for k, v in self.pipeline.collate(rows).items()}
+
+    def init_batches(self, seed: int):
+        """`ctx.init_batches` for data-informed inits: this rank's micro-batches of the
+        first n global batches (the estimator all-reduces sums and counts over ranks).
+
+        The random state is put back when the batches are used up: forward passes over
+        different micro-batches draw different amounts of randomness (dropout masks of
+        different shapes), and an init that draws after them (peft's LoRA-GA randomized SVD)
+        would otherwise start from a different state on every rank.
+        """
+
+        def batches(n: int):
+            saved = _rng_state()
+            try:
+                for step in itertools.islice(self.steps(seed), n):
+                    for indices in step:
+                        yield self.collate(indices)
+            finally:
+                _set_rng_state(saved)
+
+        return batches
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function; rank 0 returns the result row."""
+    import ray.train
+
+    from harness.sanity import SanityError
+    from harness.train import Diverged
+
+    spec = TrialSpec(**config["spec"])
+    rank = ray.train.get_context().get_world_rank()
+    row = base_row(spec)
+    try:
+        _run_rank(spec, row, rank)
+    except Diverged as err:  # the loss is all-reduced first: every rank raises together
+        row.update(status=STATUS_DIVERGED, error=str(err))
+    except SanityError as err:  # computed identically on every rank
+        row.update(status=STATUS_FAILED, error=f"{type(err).__name__}: {err}")
+        row["traceback"] = traceback.format_exc(limit=20)
+    # Anything else propagates: Ray Train tears the group down and retries (max_failures);
+    # catching it on one rank could leave the others waiting in a collective.
+    return row if rank == 0 else None
+
+
+def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as tdist
+
+    import methods
+    import tasks
+    from harness import memory, provenance, sanity
+    from harness.deepspeed_config import batch_plan, render, resolve_precision
+    from harness.models import resolve_model
+    from harness.pipelines import build_pipeline
+    from harness.train import linear_warmup_decay
+    from harness.trial import _data_kind, _majority_baseline, count_params, seed_everything
+    from methods.targets import default_target_modules
+
+    dist = spec.distributed
+    assert dist is not None
+    world = tdist.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)  # object collectives over NCCL use the current device
+    torch.set_num_threads(max(1, int(dist.cpus_per_worker)))
+    if not on_gpu:
+        _no_shm_comm(deepspeed)
+    row.update(provenance.hardware(device))
+    seed_everything(spec.seed)
+    budget = spec.budget
+    plan = batch_plan(budget.batch_size, world, dist.micro_batch_size)
+    precision = resolve_precision(dist, on_gpu)
+
+    # Data and model: as harness.trial._run (see "Reuse" in the module doc).
+    task = tasks.get_task(spec.task)
+    splits = task.splits(
+        spec.data_dir,
+        train_rows=budget.train_rows,
+        selection_rows=budget.selection_rows,
+        test_rows=budget.test_rows,
+    )
+    row["protocol"] = task.protocol
+    row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
+    row["data_kind"] = _data_kind(splits.provenance)
+    row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
+    row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
+    source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
+    row["model_revision"], row["model_source"] = source.revision, f"{source.kind}:{source.location}"
+    pipeline = build_pipeline(
+        task,
+        splits,
+        source,
+        max_length=budget.max_length,
+        eval_batch_size=spec.eval.batch_size,
+        max_new_tokens=spec.eval.max_new_tokens,
+        device=device,
+    )
+    model = pipeline.model
+    if dist.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shares = RankShares(pipeline, plan, rank, device)
+
+    # Method: prepared on the full (not yet partitioned) model on every rank.
+    method = methods.get_method(spec.method)
+    hp = method.hyperparams(spec.method_overrides)
+    ctx = methods.PrepareContext(
+        head_modules=pipeline.loaded.head_modules,
+        default_target_modules=default_target_modules(pipeline.loaded.model_type),
+        init_batches=shares.init_batches(spec.seed + 1) if method.needs_init_batches else None,
+        learning_rate=spec.lr,
+        train_examples=len(pipeline.train_rows),
+        batch_size=budget.batch_size,
+    )
+    expected_trainable = method.expected_trainable_params(model, hp, ctx)
+    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
+    probe = next(pipeline.batches(2, seed=0, device=device))
+    base_outputs = sanity.outputs(model, probe)
+    memory.reset_peak(device)
+    init_started = time.perf_counter()
+    model = method.prepare(model, hp, ctx)
+    row["init_time_s"] = time.perf_counter() - init_started
+    row["sanity_init"] = sanity.check_init(
+        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp)
+    )
+    trainable, total = count_params(model)
+    row.update(trainable_params=trainable, total_params=total)
+    row["expected_trainable_params"] = expected_trainable
+    if trainable != expected_trainable:
+        raise sanity.SanityError(
+            f"sanity check: {trainable} trainable parameters, the method's formula says "
+            f"{expected_trainable}"
+        )
+    digests = _all_gather_object(adapter_digest(model), world)
+    if len(set(digests)) != 1:
+        raise sanity.SanityError(
+            f"sanity check: the ranks initialised different adapters (digests {digests}); "
+            "ZeRO would assemble one model from their parts"
+        )
+
+    # DeepSpeed: ZeRO partitions the prepared model, wraps the method's optimizer.
+    total_steps = budget.max_steps or math.ceil(
+        budget.epochs * len(pipeline.train_rows) / budget.batch_size
+    )
+    schedule = cosine_warmup if budget.schedule == "cosine" else linear_warmup_decay
+    ds_config = render(
+        dist, global_batch=budget.batch_size, max_grad_norm=budget.max_grad_norm, on_gpu=on_gpu
+    )
+    optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: schedule(opt, total_steps, budget.warmup_ratio),
+    )
+    pipeline.loaded.model = engine.module  # evaluators run the partitioned model
+
+    restored = _restore(engine)
+    restored_step = restored["step"] if restored else None
+    state = restored or {"step": 0, "losses": [], "curve": [], "eval_curve": [],
+                         "train_time": 0.0, "tokens": 0}  # fmt: skip
+    result = _train(engine, shares, spec, state, total_steps, pipeline, task)
+    peak, kind = memory.peak_mb(device)
+    row["peak_memory_mb"] = _all_reduce_max(peak, device)
+    row["peak_memory_kind"] = f"{kind} (max over {world} ranks)"
+    samples = total_steps * plan.global_batch
+    losses = result["losses"]
+    tail = losses[-max(1, len(losses) // 10) :]  # as harness.train: the last 10% of steps
+    row.update(
+        steps=total_steps,
+        train_time_s=result["train_time"],
+        samples_per_s=samples / result["train_time"],
+        tokens_per_s=result["tokens"] / result["train_time"],
+        final_train_loss=sum(tail) / len(tail),
+        loss_curve=json.dumps(result["curve"]),
+        eval_curve=json.dumps(result["eval_curve"]),
+    )
+
+    # Evaluate on every rank (ZeRO-3 forwards are collective); rank 0's row is reported.
+    eval_started = time.perf_counter()
+    selection = pipeline.evaluate("selection")
+    test: dict[str, float] = {}
+    for name in splits.test:
+        metrics = pipeline.evaluate(f"test/{name}")
+        prefix = f"{name}/" if len(splits.test) > 1 else ""
+        test.update({prefix + k: v for k, v in metrics.items()})
+    row["eval_time_s"] = time.perf_counter() - eval_started
+    row.update(
+        selection_metric=task.selection_metric,
+        selection_score=selection[task.selection_metric],
+        selection_metrics=json.dumps(selection, sort_keys=True),
+        test_metric=task.headline_metric,
+        test_score=test[task.headline_metric],
+        test_metrics=json.dumps(test, sort_keys=True),
+        test_items=json.dumps({k: v for k, v in pipeline.items.items() if k != "selection"}),
+        majority_baseline=_majority_baseline(task, splits),
+    )
+
+    adapter = None
+    if dist.save_adapter:  # gathers the trainable parameters only (all of them for full FT)
+        adapter = gathered_trainable_state(engine, rank)
+        _report_adapter(engine.module, adapter, spec, rank)
+    row["sanity_merge"] = _merge_check(engine, method, probe, dist.zero_stage, precision)
+    row["distributed"] = json.dumps(
+        {
+            "world_size": world,
+            "zero_stage": dist.zero_stage,
+            "precision": precision,
+            "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation,
+            "global_batch": plan.global_batch,
+            "offload_optimizer": dist.offload_optimizer,
+            "offload_params": dist.offload_params,
+            "gradient_checkpointing": dist.gradient_checkpointing,
+            "schedule": budget.schedule or "linear",
+            "init_digests": digests,
+            "init_identical": len(set(digests)) == 1,
+            "adapter_digest": _state_digest(adapter) if adapter else None,
+            "restored_from_step": restored_step,
+            "train_run": train_run_name(spec),
+            "deepspeed": deepspeed.__version__,
+            "deepspeed_config": ds_config,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _train(engine, shares, spec, state, total_steps, pipeline, task) -> dict[str, Any]:
+    """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates and clips."""
+    import torch.distributed as tdist
+
+    from harness.train import check_divergence
+
+    dist = spec.distributed
+    every = max(1, total_steps // 50)  # the loss-curve resolution of harness.train.train
+    losses, curve, eval_curve = state["losses"], state["curve"], state["eval_curve"]
+    train_time, tokens = state["train_time"], state["tokens"]
+    steps = shares.steps(spec.seed)
+    for _ in range(state["step"]):  # a restored run skips the global batches already seen
+        next(steps)
+    fail_at = int(os.environ.get(FAIL_ONCE_ENV) or 0) if not state.get("restored") else 0
+    engine.train()
+    for step in range(state["step"] + 1, total_steps + 1):
+        micro = [shares.collate(indices) for indices in next(steps)]
+        started = time.perf_counter()
+        # [mean micro-batch loss, tokens] summed over ranks in one all-reduce.
+        totals = torch.zeros(2, device=engine.device, dtype=torch.float32)
+        for batch in micro:
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            totals[0] += loss.detach().float() / len(micro)
+            if "attention_mask" in batch:
+                totals[1] += batch["attention_mask"].sum()
+        tdist.all_reduce(totals)
+        loss_value = float(totals[0]) / tdist.get_world_size()
+        train_time += time.perf_counter() - started
+        if step == fail_at:
+            raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+        check_divergence(step, loss_value, losses)
+        losses.append(loss_value)
+        tokens += int(totals[1])
+        if step % every == 0 or step == total_steps:
+            window = losses[-every:]
+            curve.append((step, sum(window) / len(window)))
+        if spec.eval.every_steps and step % spec.eval.every_steps == 0 and step < total_steps:
+            eval_curve.append((step, pipeline.evaluate("selection")[task.selection_metric]))
+            engine.train()
+        if dist.checkpoint_every_steps and step % dist.checkpoint_every_steps == 0:
+            if step < total_steps:
+                state.update(step=step, losses=losses, curve=curve, eval_curve=eval_curve,
+                             train_time=train_time, tokens=tokens)  # fmt: skip
+                _save_checkpoint(engine, state, {"step": step, "loss": loss_value})
+    return {"losses": losses, "curve": curve, "eval_curve": eval_curve,
+            "train_time": train_time, "tokens": tokens}  # fmt: skip
+
+
+def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up ((step + 1) / warmup, as harness.train.linear_warmup_decay), then
+    cosine decay to 0 at `total_steps`."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- checkpoints and adapters
+
+
+def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """A DeepSpeed checkpoint of the trainable state (frozen base weights excluded), every
+    rank's shard uploaded by Ray Train into one checkpoint folder of the run."""
+    import ray.train
+
+    client = {k: state[k] for k in CLIENT_STATE}
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ds", client_state=client, exclude_frozen_parameters=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine) -> dict[str, Any] | None:
+    """Resume from the run's latest DeepSpeed checkpoint (a Train or Tune restart, or a rerun
+    of the sweep): trainable weights, optimizer and scheduler state, step, loss history."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / "ds").is_dir():
+            return None  # the final adapter of a finished run: train again from the start
+        _, client = engine.load_checkpoint(
+            folder, tag="ds", load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )  # fmt: skip
+    # DeepSpeed hands back its own metadata with the client state; keep only ours.
+    return {k: client[k] for k in CLIENT_STATE if k in (client or {})} | {"restored": True}
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def gathered_trainable_state(engine, rank: int) -> dict[str, torch.Tensor]:
+    """The trainable parameters (adapter + head) in full on rank 0, gathering only them -
+    never the frozen base weights (ZeRO-3); {} on the other ranks."""
+    import deepspeed
+
+    named = trainable_parameters(engine.module)
+    params = [p for _, p in named]
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    state: dict[str, torch.Tensor] = {}
+    context = deepspeed.zero.GatheredParameters(params) if partitioned else _nullcontext()
+    with context:
+        if rank == 0:
+            state = {n: p.detach().to("cpu", copy=True) for n, p in named}
+    return state
+
+
+def _report_adapter(module, state: dict[str, torch.Tensor], spec: TrialSpec, rank: int) -> None:
+    """Rank 0 writes the adapter (peft layout when the model is a peft model) and Ray Train
+    uploads it to the run's storage; the other ranks join the report empty-handed."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            folder = Path(tmp) / "adapter"
+            folder.mkdir()
+            if hasattr(module, "peft_config") and hasattr(module, "save_pretrained"):
+                module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            else:
+                save_file({k: v.contiguous() for k, v in state.items()},
+                          str(folder / "trainable_params.safetensors"))  # fmt: skip
+            (folder / "harness_trial.json").write_text(
+                json.dumps(
+                    {"key": spec.key(), "method": spec.method, "model_id": spec.model_id,
+                     "model_revision": spec.model_revision, "overrides": spec.method_overrides,
+                     "lr": spec.lr, "seed": spec.seed, "task": spec.task},
+                    indent=2, sort_keys=True, default=str,
+                )
+            )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"adapter": rank == 0}, checkpoint=checkpoint)
+
+
+def _merge_check(engine, method, probe, zero_stage: int, precision: str) -> str:
+    """Merged == unmerged outputs, as in harness.trial, where it is meaningful.
+
+    The check's tolerance is for fp32; with bf16 weights the merge itself rounds. Under
+    ZeRO-3 it gathers the whole model on every rank (GatheredParameters) for the merge.
+    """
+    from harness import sanity
+    from methods.base import Method
+
+    if type(method).merge is Method.merge:
+        return "not mergeable"
+    if precision != "fp32":
+        return f"not checked: {precision} weights (the merge check needs fp32)"
+    module = engine.module
+    unmerged = sanity.outputs(module, probe)
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            merged = _without_zero_hooks(module, lambda: _merged_outputs(method, module, probe))
+    else:
+        merged = _merged_outputs(method, module, probe)
+    if merged is None:
+        return "not mergeable"
+    return sanity.check_merge(unmerged, merged)
+
+
+def _merged_outputs(method, module, probe) -> torch.Tensor | None:
+    """Merges in place: the trial's last use of the model (evaluated and saved before)."""
+    from harness import sanity
+
+    merged = method.merge(module)
+    return None if merged is None else sanity.outputs(merged, probe)
+
+
+def _without_zero_hooks(module, fn):
+    """Run `fn` on a ZeRO-3 module whose parameters are gathered, with the ZeRO forward
+    hooks removed (they would release the gathered parameters after each module) and
+    restored after."""
+    saved = []
+    for sub in module.modules():
+        saved.append((sub, dict(sub._forward_pre_hooks), dict(sub._forward_hooks)))
+        sub._forward_pre_hooks.clear()
+        sub._forward_hooks.clear()
+    try:
+        return fn()
+    finally:
+        for sub, pre, post in saved:
+            sub._forward_pre_hooks.update(pre)
+            sub._forward_hooks.update(post)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- small collectives
+
+
+def adapter_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters plus every adapter tensor (`lora_` params and buffers)."""
+    tensors = {n: p for n, p in module.named_parameters() if p.requires_grad or "lora_" in n}
+    tensors |= {n: b for n, b in module.named_buffers() if "lora_" in n}
+    return tensors
+
+
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def adapter_digest(module: torch.nn.Module) -> str:
+    """Bitwise digest of the adapter tensors: equal digests = identical initialisations."""
+    return _state_digest(adapter_tensors(module))
+
+
+def _all_gather_object(value: Any, world: int) -> list[Any]:
+    import torch.distributed as tdist
+
+    gathered: list[Any] = [None] * world
+    tdist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _all_reduce_max(value: float, device) -> float:
+    import torch.distributed as tdist
+
+    tensor = torch.tensor(float(value), device=device)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return float(tensor)
+
+
+def _no_shm_comm(deepspeed) -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op on first use (minutes of
+    g++ per fresh machine); gloo alone is enough for the CPU path (tests, CI)."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
