@@ -67,8 +67,7 @@ class Budget(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     schedule: Literal["linear", "cosine"] | None = Field(
         None,
-        description="LR schedule after the warm-up; None = linear decay. cosine: distributed "
-        "trials only until harness/train.py implements it",
+        description="LR schedule after the warm-up: None = linear decay to 0; cosine to 0",
     )
 
     def model_post_init(self, __context: Any) -> None:
@@ -350,12 +349,6 @@ def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:
     dist = cfg.distributed
     problems: list[str] = []
     on_distributed_path = dist is not None and dist.enabled
-    if cfg.budget.schedule == "cosine" and not on_distributed_path:
-        problems.append(
-            "budget.schedule cosine is implemented by the distributed path only (set "
-            "distributed.gpus_per_trial > 1 or distributed.workers); the single-device loop "
-            "in harness/train.py decays linearly"
-        )
     if dist is not None and not dist.enabled:
         if dist.gpus_per_trial != cfg.resources.gpus_per_trial:
             problems.append(

@@ -340,7 +340,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     from harness.deepspeed_config import batch_plan, render, resolve_precision
     from harness.models import resolve_model
     from harness.pipelines import build_pipeline
-    from harness.train import linear_warmup_decay
+    from harness.train import SCHEDULES
     from harness.trial import _data_kind, _majority_baseline, count_params, seed_everything
     from methods.targets import default_target_modules
 
@@ -430,7 +430,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     total_steps = budget.max_steps or math.ceil(
         budget.epochs * len(pipeline.train_rows) / budget.batch_size
     )
-    schedule = cosine_warmup if budget.schedule == "cosine" else linear_warmup_decay
+    schedule = SCHEDULES[budget.schedule or "linear"]
     ds_config = render(
         dist, global_batch=budget.batch_size, max_grad_norm=budget.max_grad_norm, on_gpu=on_gpu
     )
@@ -562,20 +562,6 @@ def _train(engine, shares, spec, state, total_steps, pipeline, task) -> dict[str
                 _save_checkpoint(engine, state, {"step": step, "loss": loss_value})
     return {"losses": losses, "curve": curve, "eval_curve": eval_curve,
             "train_time": train_time, "tokens": tokens}  # fmt: skip
-
-
-def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up ((step + 1) / warmup, as harness.train.linear_warmup_decay), then
-    cosine decay to 0 at `total_steps`."""
-    warmup = int(round(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------- checkpoints and adapters

@@ -66,6 +66,22 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up as `linear_warmup_decay`, then cosine decay to 0 at `total_steps`."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+SCHEDULES = {"linear": linear_warmup_decay, "cosine": cosine_warmup}
+
+
 def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches; each pass reshuffles with the loader's own seeded generator, and a
     dataset with `set_epoch` (augmented images) draws fresh, seeded augmentations."""
@@ -96,13 +112,14 @@ def train(
     *,
     warmup_ratio: float,
     max_grad_norm: float | None,
+    schedule: str = "linear",
     callbacks: list = (),
     evaluate_every: int | None = None,
     evaluate: Callable[[], float] | None = None,
     on_progress: Callable[[int, float], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    scheduler = linear_warmup_decay(optimizer, total_steps, warmup_ratio)
+    scheduler = SCHEDULES[schedule](optimizer, total_steps, warmup_ratio)
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     eval_curve: list[tuple[int, float]] = []

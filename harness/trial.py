@@ -162,6 +162,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         total_steps,
         warmup_ratio=budget.warmup_ratio,
         max_grad_norm=budget.max_grad_norm,
+        schedule=budget.schedule or "linear",
         callbacks=method.callbacks(hp, total_steps),
         evaluate_every=spec.eval.every_steps,
         evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],

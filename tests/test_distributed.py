@@ -109,8 +109,6 @@ def test_zero2_config_and_fp32_on_cpu():
          "offload_params needs zero_stage 3"),
         ({"distributed": {"workers": 4, "gpus_per_trial": 8}}, "disagree"),
         ({"resources": {"gpus_per_trial": 0.5}}, "allowed only with `smoke: true`"),
-        ({"budget": {"max_steps": 2, "batch_size": 8, "schedule": "cosine"}},
-         "cosine is implemented by the distributed path only"),
         ({"distributed": {"workers": 2},
           "methods": {"lora_one": {"lrs": [1e-3], "overrides": {"optimizer": "precond_sgd"}}}},
          "not supported under DeepSpeed ZeRO"),

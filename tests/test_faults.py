@@ -132,3 +132,22 @@ def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_pa
     board = pd.read_parquet(tmp_path / "out" / "leaderboard.parquet").set_index("method")
     assert board.loc["full_ft", "n_diverged"] == 2 and board.loc["full_ft", "n_seeds"] == 0
     assert board.loc["lora", "n_seeds"] == 2
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from harness.train import SCHEDULES
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = SCHEDULES["cosine"](optimizer, total_steps=10, warmup_ratio=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == [0.5, 1.0]  # warm-up over 2 steps
+    # then 0.5 (1 + cos(pi (t - 2) / 8)) for t = 2..9
+    import math
+
+    expected = [0.5 * (1 + math.cos(math.pi * (t - 2) / 8)) for t in range(2, 10)]
+    assert lrs[2:] == pytest.approx(expected)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
