@@ -16,6 +16,7 @@ __all__ = [
 
 # Importing a method module registers it.
 from methods import (  # noqa: E402,F401
+    cg_lora,
     dora,
     full_ft,
     lora,

@@ -91,6 +91,8 @@ def test_smoke_sweep_data_informed_methods_on_a_regression_task(tmp_path: Path, 
                     "lora_one": {"lrs": [1e-3], "overrides": {"init_batches": 2}},
                     "lora_sb": {"lrs": [1e-3], "overrides": {"rank": 8}},
                     "lora_ga": {"lrs": [1e-3], "overrides": {"init_batches": 2}},
+                    "cg_lora": {"lrs": [1e-3], "overrides": {"init_examples": 16}},
+                    "sds_lora": {"lrs": [1e-3], "overrides": {"warmup_steps": 1}},
                 },
                 "seeds": [0],
                 "budget": {"max_steps": 3, "batch_size": 8, "max_length": 32, "train_rows": 64,
@@ -102,8 +104,12 @@ def test_smoke_sweep_data_informed_methods_on_a_regression_task(tmp_path: Path, 
     )  # fmt: skip
     assert main(["sweep", str(config)]) == 0
     runs = pd.read_parquet(out / "runs.parquet").set_index("method")
-    assert set(runs.index) == {"lora_one", "lora_sb", "lora_ga"}
+    assert set(runs.index) == {"lora_one", "lora_sb", "lora_ga", "cg_lora", "sds_lora"}
     assert (runs["status"] == "ok").all(), runs["error"]
     assert (runs["init_time_s"] > 0).all() and runs["test_metric"].eq("pearson").all()
     assert runs.loc["lora_sb", "trainable_params"] == 36 * 8 * 8 + 384 + 1  # R per layer + head
     assert json.loads(runs.loc["lora_sb", "method_config"])["init_eta_used"] == 1e-3
+    # CG-LoRA starts off the base function (no shift); SDS-LoRA at it; both merge exactly.
+    assert runs.loc["cg_lora", "sanity_init"].startswith("offset")
+    assert runs.loc["sds_lora", "sanity_init"].startswith("identity")
+    assert runs[["sanity_merge"]].map(lambda v: v.startswith("merged == unmerged")).all().all()
