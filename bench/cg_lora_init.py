@@ -1,7 +1,7 @@
 """CG-LoRA vs LoRA-GA: init time and init peak memory, side by side, on real MiniLM.
 
     .venv/bin/python bench/cg_lora_init.py [--batches 32] [--batch-size 8] [--repeats 3]
-        [--rank 8] [--targets query value]
+        [--rank 8] [--targets query value] [--threads N]
 
 Paper (Table 3, RoBERTa-base, CoLA, 256 examples = batch 8 x 32, A40 GPU): CG-LoRA 3.58 s /
 509.95 MiB peak vs LoRA-GA 7.01 s / 1.28 GiB, i.e. 0.51x time and 0.39x memory.
@@ -27,6 +27,10 @@ from the kernel:
   the default allocator; methods are interleaved (GA, CG, GA, CG, ...) so machine drift
   hits both; medians are reported. On a shared machine the CPU time is the steadier of the
   two (wall time also counts waiting for cores other processes hold).
+- threads: on a loaded machine pass `--threads 1`. With two OpenMP threads competing with
+  other processes for two cores, every small op waits on a descheduled thread; CG-LoRA's
+  hooks run many small ops, so both numbers balloon (measured here under a load of ~5:
+  LoRA-GA 89 s / CG-LoRA 153 s wall at 2 threads vs 9.9 s / 16.0 s at 1 thread).
 - "peak total" is the process's whole peak resident set (interpreter, libraries, model,
   batches included), closer to what the paper's GPU numbers count (its CG-LoRA peak of
   510 MiB is about RoBERTa-base's own float32 weights plus little).
@@ -76,6 +80,8 @@ def child(args) -> dict:
     from methods.peft_lora import matching_linear_layers
     from methods.targets import default_target_modules
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
     batches, train_size = _real_batches(
@@ -151,7 +157,7 @@ def run_child(method: str, args, fixed_mmap: bool) -> dict:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     cmd = [sys.executable, __file__, "--child", method, "--batches", str(args.batches),
            "--batch-size", str(args.batch_size), "--rank", str(args.rank),
-           "--max-length", str(args.max_length)]  # fmt: skip
+           "--max-length", str(args.max_length), "--threads", str(args.threads)]  # fmt: skip
     if args.targets:
         cmd += ["--targets", *args.targets]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -166,6 +172,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

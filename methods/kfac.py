@@ -20,8 +20,10 @@ What is collected, per target `nn.Linear` with weight (m, n) = (out, in):
   same per token, zero at positions whose label is -100 (causal LMs: logits[t] predicts
   labels[t + 1], so the last position and those before an ignored label are zero).
   The backward passes compute only activation gradients: every parameter is frozen for the
-  duration, and a zero scalar leaf added to each target output makes autograd reach exactly
-  those outputs (no weight gradient is ever formed, `.grad` is never touched).
+  duration, a zero scalar leaf is added to each target output that does not already require
+  grad (`_Taps`), and autograd is asked for the gradient with respect to those leaves only,
+  so it reaches every target output and forms no weight gradient (`.grad` is never
+  touched). A target output the loss does not reach is an error, not a silent gap.
 
 Storage (the design choice): per layer, the pooled rows themselves, float32, X (N, n) and
 Gs (N K, m) (K = Hutchinson samples), so `A_in v = X^T (X v) / N`; once a factor holds as
@@ -307,13 +309,54 @@ class _FrozenForward:
         return False
 
 
-def _tap(output: torch.Tensor, leaves: list[torch.Tensor], on_grad: Callable) -> torch.Tensor:
-    """output + 0 through a fresh scalar leaf, so autograd reaches it with params frozen."""
-    zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-    leaves.append(zero)
-    tapped = output + zero
-    tapped.register_hook(on_grad)
-    return tapped
+class _Taps:
+    """Makes autograd reach every target output with all parameters frozen.
+
+    An output that does not require grad (its inputs do not, e.g. the first layers) gets
+    a fresh zero scalar leaf added (`output + 0`, the same values); an output downstream of
+    such a leaf already requires grad and just gets the hook. Asking autograd for the
+    gradient with respect to the leaves then computes exactly the activation gradients on
+    the way (no weight gradient), firing every hook. Calls are counted so that a hook that
+    did not fire (an output the loss does not depend on) is an error, not a silent gap.
+    """
+
+    def __init__(self) -> None:
+        self.leaves: list[torch.Tensor] = []
+        self.calls: dict[str, int] = {}
+        self.fired: dict[str, int] = {}
+
+    def __call__(self, name: str, output: torch.Tensor, on_grad: Callable) -> torch.Tensor:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+        def counted(g: torch.Tensor) -> None:
+            self.fired[name] = self.fired.get(name, 0) + 1
+            on_grad(g)
+
+        if not (output.requires_grad and self.leaves):
+            zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            self.leaves.append(zero)
+            output = output + zero
+        output.register_hook(counted)
+        return output
+
+    def backward(self, outputs: torch.Tensor, grad_outputs=None, retain_graph=False) -> None:
+        if not self.leaves:
+            raise ValueError("no target layer ran in the forward pass")
+        torch.autograd.grad(
+            outputs, self.leaves, grad_outputs=grad_outputs, retain_graph=retain_graph,
+            allow_unused=True,
+        )  # fmt: skip
+
+    def finish_batch(self, times: int = 1) -> None:
+        for name, calls in self.calls.items():
+            if self.fired.get(name, 0) != calls * times:
+                raise ValueError(
+                    f"layer {name}: the output gradient reached {self.fired.get(name, 0)} of "
+                    f"{calls * times} times; the loss does not depend on this layer's output"
+                )
+        self.leaves.clear()
+        self.calls.clear()
+        self.fired.clear()
 
 
 def batch_fingerprint(batch: Batch) -> str:
@@ -358,7 +401,7 @@ def collect_kfac(
         name: (FactorStat(layer.in_features), FactorStat(layer.out_features))
         for name, layer in layers.items()
     }
-    leaves: list[torch.Tensor] = []
+    taps = _Taps()
     masks: dict = {}
     rank = dist.get_rank() if _distributed() else 0
     generator: torch.Generator | None = None
@@ -376,7 +419,7 @@ def collect_kfac(
             def on_grad(g: torch.Tensor) -> None:
                 s_stat.add(pool_output_grads(g, mask))
 
-            return _tap(output, leaves, on_grad)
+            return taps(name, output, on_grad)
 
         return hook
 
@@ -396,25 +439,15 @@ def collect_kfac(
                 if generator is None:
                     generator = torch.Generator(device=logits.device)
                     generator.manual_seed(int(seed) * 1_000_003 + rank)
-                taps = [z for z in leaves]
-                if not taps:
-                    raise ValueError("no target layer ran in the forward pass")
                 for i in range(samples):
                     noise = output_noise(kind, logits, labels, generator).to(logits.dtype)
-                    torch.autograd.grad(
-                        logits,
-                        taps,
-                        grad_outputs=noise,
-                        retain_graph=i < samples - 1,
-                        allow_unused=True,
-                    )
-                leaves.clear()
+                    taps.backward(logits, noise, retain_graph=i < samples - 1)
+                taps.finish_batch(samples)
                 examples += logits.shape[0]
                 del out, logits
     finally:
         for h in handles:
             h.remove()
-        leaves.clear()
     if examples == 0:
         raise ValueError("the init batch iterator yielded no batch")
     counts = torch.tensor(
@@ -503,7 +536,7 @@ def projected_gradients(
     """U_S^T G U_A per layer (bases[name] = (U_S (m, kS), U_A (n, kA))), G summed over
     batches of the mean loss, from per-token projections; all-reduced across ranks."""
     sums: dict[str, torch.Tensor] = {}
-    leaves: list[torch.Tensor] = []
+    taps = _Taps()
     fingerprints: list[str] = []
     projectors = {
         name: (
@@ -525,7 +558,7 @@ def projected_gradients(
                 ds = g.detach().to(torch.float32).reshape(-1, u_s.shape[0]) @ u_s
                 sums[name].add_((ds.T @ xa).double())
 
-            return _tap(output, leaves, on_grad)
+            return taps(name, output, on_grad)
 
         return hook
 
@@ -536,17 +569,13 @@ def projected_gradients(
             for batch in batches:
                 fingerprints.append(batch_fingerprint(batch))
                 loss = model(**batch).loss
-                taps = list(leaves)
-                if not taps:
-                    raise ValueError("no target layer ran in the forward pass")
-                torch.autograd.grad(loss, taps, allow_unused=True)
-                leaves.clear()
+                taps.backward(loss)
+                taps.finish_batch()
                 count += 1
                 del loss
     finally:
         for h in handles:
             h.remove()
-        leaves.clear()
     if count == 0:
         raise ValueError("the init batch iterator yielded no batch")
     total = torch.tensor(float(count), dtype=torch.float64)
