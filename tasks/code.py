@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.base import DataSplits
-from tasks.data import carve_selection, load_split, subsample
+from tasks.data import load_split, roles_provenance, split_roles, subsample
 from tasks.generative import GenerativeTask
 from tasks.protocols import humaneval as protocol
 from tasks.registry import register_task
@@ -80,24 +80,25 @@ class CodeTask(GenerativeTask):
 
     def splits(self, data_dir, *, train_rows=None, selection_rows=None, test_rows=None):
         train_full, train_prov = self._train(data_dir)
-        n_select = selection_rows or min(len(train_full) // 10, 200)
-        pool, selection = carve_selection(train_full, n_select, seed=PROTOCOL_SEED)
-        train = subsample(pool, train_rows, seed=PROTOCOL_SEED)
+        pool, selection, train = split_roles(
+            train_full, train_rows=train_rows, selection_rows=selection_rows,
+            selection_cap=200, seed=PROTOCOL_SEED,
+        )  # fmt: skip
         df, test_prov = load_split("openai/openai_humaneval", "openai_humaneval", "test", data_dir)
         test = df[["task_id", "prompt", "test", "entry_point"]].copy()
         test["prompt_messages"] = [
             [{"role": "user", "content": USER_PROMPT.format(prompt=p)}] for p in test["prompt"]
         ]
         test = subsample(test, test_rows, seed=PROTOCOL_SEED)
-        provenance = {
-            "train": train_prov,
-            "test": {"humaneval": test_prov},
-            "train_pool_rows": len(pool),
-            "train_rows": len(train),
-            "selection_rows": len(selection),
-            "test_rows": {"humaneval": len(test)},
-            "decoding": DECODING,
-        }
+        provenance = roles_provenance(
+            train_prov,
+            {"humaneval": test_prov},
+            pool,
+            train,
+            selection,
+            {"humaneval": test},
+            decoding=DECODING,
+        )
         return DataSplits(train, selection, {"humaneval": test}, provenance)
 
 

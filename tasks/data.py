@@ -94,3 +94,40 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
         return df.reset_index(drop=True)
     order = np.random.default_rng(seed).permutation(len(df))[:n]
     return df.iloc[np.sort(order)].reset_index(drop=True)
+
+
+def split_roles(
+    train_full: pd.DataFrame,
+    *,
+    train_rows: int | None,
+    selection_rows: int | None,
+    selection_cap: int,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(pool, selection, train): the protocol's selection split, min(10% of train, cap) rows
+    unless the budget says otherwise, carved with a fixed seed; train is a fixed subset of
+    the remaining pool. Every task family selects its LR on rows chosen this way."""
+    n_select = selection_rows or min(len(train_full) // 10, selection_cap)
+    pool, selection = carve_selection(train_full, n_select, seed=seed)
+    return pool, selection, subsample(pool, train_rows, seed=seed)
+
+
+def roles_provenance(
+    train_prov: dict[str, Any],
+    test_prov: dict[str, Any],
+    pool: pd.DataFrame,
+    train: pd.DataFrame,
+    selection: pd.DataFrame,
+    test: dict[str, pd.DataFrame],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The provenance block every task's DataSplits carries (sources, sizes, extras)."""
+    return {
+        "train": train_prov,
+        "test": test_prov,
+        "train_pool_rows": len(pool),
+        "train_rows": len(train),
+        "selection_rows": len(selection),
+        "test_rows": {k: len(v) for k, v in test.items()},
+        **extra,
+    }

@@ -20,7 +20,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tasks.base import DataSplits, HeadKind, Task
-from tasks.data import carve_selection, load_split, subsample
+from tasks.data import load_split, roles_provenance, split_roles, subsample
 from tasks.registry import register_task
 
 HUB_ID = "nyu-mll/glue"
@@ -103,22 +103,16 @@ class GlueTask(Task):
     def splits(self, data_dir, *, train_rows=None, selection_rows=None, test_rows=None):
         train_full, train_prov = load_split(HUB_ID, self.spec.config, "train", data_dir)
         train_full = self._labelled(train_full, "train")
-        n_select = selection_rows or min(len(train_full) // 10, 2000)
-        pool, selection = carve_selection(train_full, n_select, seed=PROTOCOL_SEED)
-        train = subsample(pool, train_rows, seed=PROTOCOL_SEED)
+        pool, selection, train = split_roles(
+            train_full, train_rows=train_rows, selection_rows=selection_rows,
+            selection_cap=2000, seed=PROTOCOL_SEED,
+        )  # fmt: skip
         test, test_prov = {}, {}
         for name, split in self.spec.test_splits:
             df, prov = load_split(HUB_ID, self.spec.config, split, data_dir)
             test[name] = subsample(self._labelled(df, split), test_rows, seed=PROTOCOL_SEED)
             test_prov[name] = prov
-        provenance = {
-            "train": train_prov,
-            "test": test_prov,
-            "train_pool_rows": len(pool),
-            "train_rows": len(train),
-            "selection_rows": len(selection),
-            "test_rows": {k: len(v) for k, v in test.items()},
-        }
+        provenance = roles_provenance(train_prov, test_prov, pool, train, selection, test)
         return DataSplits(train=train, selection=selection, test=test, provenance=provenance)
 
     def _labelled(self, df: pd.DataFrame, split: str) -> pd.DataFrame:

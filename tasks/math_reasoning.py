@@ -20,7 +20,7 @@ from fractions import Fraction
 import pandas as pd
 
 from tasks.base import DataSplits
-from tasks.data import carve_selection, load_split, subsample
+from tasks.data import load_split, roles_provenance, split_roles, subsample
 from tasks.generative import GenerativeTask
 from tasks.protocols import math as protocol
 from tasks.registry import register_task
@@ -90,24 +90,19 @@ class MathTask(GenerativeTask):
 
     def splits(self, data_dir, *, train_rows=None, selection_rows=None, test_rows=None):
         train_full, train_prov = self._train(data_dir)
-        n_select = selection_rows or min(len(train_full) // 10, 500)
-        pool, selection = carve_selection(train_full, n_select, seed=PROTOCOL_SEED)
-        train = subsample(pool, train_rows, seed=PROTOCOL_SEED)
+        pool, selection, train = split_roles(
+            train_full, train_rows=train_rows, selection_rows=selection_rows,
+            selection_cap=500, seed=PROTOCOL_SEED,
+        )  # fmt: skip
         test, test_prov = {}, {}
         for name in self.test_names:
             hub_id, config, split = TEST_SETS[name]
             df, prov = load_split(hub_id, config, split, data_dir)
             test[name] = subsample(_test_rows(name, df), test_rows, seed=PROTOCOL_SEED)
             test_prov[name] = prov
-        provenance = {
-            "train": train_prov,
-            "test": test_prov,
-            "train_pool_rows": len(pool),
-            "train_rows": len(train),
-            "selection_rows": len(selection),
-            "test_rows": {k: len(v) for k, v in test.items()},
-            "decoding": DECODING,
-        }
+        provenance = roles_provenance(
+            train_prov, test_prov, pool, train, selection, test, decoding=DECODING
+        )
         return DataSplits(train=train, selection=selection, test=test, provenance=provenance)
 
 
