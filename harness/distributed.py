@@ -31,8 +31,8 @@ the latest DeepSpeed checkpoint when `checkpoint_every_steps` is set), and
 is named after the trial's content key, so any restart - a retry, or rerunning the sweep
 command - finds and restores the same run in storage.
 
-Reuse: `_run_rank` calls the pieces `harness.trial` uses (tasks, `build_pipeline`, the method
-registry, `sanity`, `memory`, `base_row`, `count_params`, `_data_kind`, `_majority_baseline`)
+Reuse: `_run_rank` calls the pieces `harness.trial` uses (`load_data_and_model`, the method
+registry, `sanity`, `memory`, `base_row`, `count_params`, `_majority_baseline`)
 in `_run`'s order. The orchestration between them mirrors `trial._run` until trial.py
 exposes its steps as functions (data/pipeline, method preparation with an `init_batches`
 argument, evaluation, merge check); then both paths should call those.
@@ -335,13 +335,15 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     import torch.distributed as tdist
 
     import methods
-    import tasks
     from harness import memory, provenance, sanity
     from harness.deepspeed_config import batch_plan, render, resolve_precision
-    from harness.models import resolve_model
-    from harness.pipelines import build_pipeline
     from harness.train import SCHEDULES
-    from harness.trial import _data_kind, _majority_baseline, count_params, seed_everything
+    from harness.trial import (
+        _majority_baseline,
+        count_params,
+        load_data_and_model,
+        seed_everything,
+    )
     from methods.targets import default_target_modules
 
     dist = spec.distributed
@@ -360,30 +362,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     plan = batch_plan(budget.batch_size, world, dist.micro_batch_size)
     precision = resolve_precision(dist, on_gpu)
 
-    # Data and model: as harness.trial._run (see "Reuse" in the module doc).
-    task = tasks.get_task(spec.task)
-    splits = task.splits(
-        spec.data_dir,
-        train_rows=budget.train_rows,
-        selection_rows=budget.selection_rows,
-        test_rows=budget.test_rows,
-    )
-    row["protocol"] = task.protocol
-    row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
-    row["data_kind"] = _data_kind(splits.provenance)
-    row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
-    row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
-    source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
-    row["model_revision"], row["model_source"] = source.revision, f"{source.kind}:{source.location}"
-    pipeline = build_pipeline(
-        task,
-        splits,
-        source,
-        max_length=budget.max_length,
-        eval_batch_size=spec.eval.batch_size,
-        max_new_tokens=spec.eval.max_new_tokens,
-        device=device,
-    )
+    task, splits, pipeline = load_data_and_model(spec, row, device)
     model = pipeline.model
     if dist.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -76,12 +76,9 @@ def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
     return row
 
 
-def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
-    torch.set_num_threads(spec.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    row.update(provenance.hardware(device))
-    seed_everything(spec.seed)
-
+def load_data_and_model(spec: TrialSpec, row: dict[str, Any], device):
+    """The task's splits and the model pipeline for its head kind, with their provenance
+    recorded in `row`; shared by single-device and distributed trials."""
     # Data: the task owns splits, preprocessing and metrics.
     task = tasks.get_task(spec.task)
     budget = spec.budget
@@ -109,6 +106,17 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         max_new_tokens=spec.eval.max_new_tokens,
         device=device,
     )
+    return task, splits, pipeline
+
+
+def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
+    torch.set_num_threads(spec.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row.update(provenance.hardware(device))
+    seed_everything(spec.seed)
+
+    task, splits, pipeline = load_data_and_model(spec, row, device)
+    budget = spec.budget
     model = pipeline.model
 
     # Method: parameterisation + (data-informed) init, timed and memory-measured.
