@@ -225,10 +225,19 @@ class SweepConfig(_Strict):
 _LATER_OPTIONS = (("eval", "max_new_tokens"), ("budget", "schedule"))
 # Top-level TrialSpec fields added later: in the key only when set (not None / not False).
 _LATER_FIELDS = ("distributed", "smoke")
+# What identifies a setting, resolved by the driver (harness/identity.py) before any trial.
+_IDENTITY_FIELDS = ("method_config", "protocol", "data_fingerprint")
+KEY_VERSION = 2
 
 
 class TrialSpec(BaseModel):
-    """Everything one trial needs; plain data so it crosses to Ray workers as a dict."""
+    """Everything one trial needs; plain data so it crosses to Ray workers as a dict.
+
+    `method_config`, `protocol` and `data_fingerprint` are filled in by the driver
+    (`harness.identity.resolve`): the method's hyperparameters with defaults, the task's eval
+    protocol version, and the fingerprint of the exact data the task reads. They enter the
+    content key, so a changed default, protocol or data file is a new key, never a match.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -247,10 +256,18 @@ class TrialSpec(BaseModel):
     threads: int = 1
     distributed: DistributedConfig | None = None
     smoke: bool = False
+    method_config: dict[str, Any] | None = None
+    protocol: str | None = None
+    data_fingerprint: str | None = None
 
-    def key(self) -> str:
-        """Content key: identical specs (same data location aside) share results."""
-        payload = self.model_dump(exclude={"sweep", "data_dir", "model_dir", "threads"})
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name in _IDENTITY_FIELDS)
+
+    def _payload(self) -> dict[str, Any]:
+        payload = self.model_dump(
+            exclude={"sweep", "data_dir", "model_dir", "threads", *_IDENTITY_FIELDS}
+        )
         # Options added after results were published count only when set, so the keys of
         # existing runs (and with them resumption) stay valid.
         for section, option in _LATER_OPTIONS:
@@ -261,8 +278,44 @@ class TrialSpec(BaseModel):
                 payload.pop(name, None)
         if self.distributed is not None:
             payload["distributed"] = self.distributed.key_payload()
+        return payload
+
+    @staticmethod
+    def _hash(payload: dict[str, Any]) -> str:
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _resolved_payload(self) -> dict[str, Any]:
+        if not self.resolved:
+            raise ValueError(
+                "trial spec is not resolved (method_config/protocol/data_fingerprint unset); "
+                "harness.identity.resolve fills them in"
+            )
+        payload = self._payload()
+        # The resolved config replaces the overrides: {rank: 8} and {} (default 8) are one
+        # setting, and a changed default is a different one.
+        payload.pop("method_overrides")
+        payload.update({name: getattr(self, name) for name in _IDENTITY_FIELDS})
+        payload["key_version"] = KEY_VERSION
+        return payload
+
+    def key(self) -> str:
+        """Content key: hash of the resolved method config, task + protocol version, model
+        id/revision, data fingerprint, budget, eval options, seed and lr (data location,
+        threads and the sweep's name aside)."""
+        return self._hash(self._resolved_payload())
+
+    def setting_key(self) -> str:
+        """The key without seed and lr: runs that may be aggregated into one leaderboard row
+        (LRs are chosen among them, seeds averaged)."""
+        payload = self._resolved_payload()
+        del payload["seed"], payload["lr"]
+        return self._hash(payload)
+
+    def legacy_key(self) -> str:
+        """Key version 1 (before the identity fields): hash of the unresolved spec. Used only
+        to recognise runs recorded before version 2 (harness.identity.migrate_runs)."""
+        return self._hash(self._payload())
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:

@@ -30,7 +30,8 @@ RUN_COLUMNS = [
     "final_train_loss", "selection_metric", "selection_score", "selection_metrics",
     "test_metric", "test_score", "test_metrics", "majority_baseline", "loss_curve",
     "eval_curve", "test_items", "sanity_init", "sanity_merge", "packages", "git_commit",
-    "hostname", "device", "threads", "started_at", "traceback",
+    "hostname", "device", "threads", "started_at", "traceback", "key_version", "setting_key",
+    "data_fingerprint", "legacy_key",
 ]  # fmt: skip
 
 LEADERBOARD_COLUMNS = [
@@ -41,7 +42,7 @@ LEADERBOARD_COLUMNS = [
     "trainable_params",
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
-    "git_commit", "device",
+    "git_commit", "device", "setting_key",
 ]  # fmt: skip
 
 
@@ -66,7 +67,7 @@ def normalise_runs(rows: list[dict]) -> pd.DataFrame:
     df = df[RUN_COLUMNS + extra]
     # Stable dtypes so appends of partial rows never change the schema.
     for col in ("trainable_params", "total_params", "expected_trainable_params", "steps",
-                "train_rows", "selection_rows", "seed"):  # fmt: skip
+                "train_rows", "selection_rows", "seed", "key_version"):  # fmt: skip
         df[col] = pd.array(df[col], dtype="Int64")
     for col in ("lr", "init_time_s", "train_time_s", "eval_time_s", "wall_time_s",
                 "peak_memory_mb", "samples_per_s", "tokens_per_s", "final_train_loss",
@@ -82,7 +83,20 @@ def read_runs(out_dir: str | Path) -> pd.DataFrame:
     path = Path(out_dir) / RUNS_FILE
     if not path.exists():
         return normalise_runs([])
-    return pd.read_parquet(path)
+    runs = pd.read_parquet(path)
+    for col in RUN_COLUMNS:  # files written before a column existed
+        if col not in runs.columns:
+            runs[col] = pd.Series(
+                pd.NA, index=runs.index, dtype="Int64" if col == "key_version" else "string"
+            )
+    return runs
+
+
+def write_runs(out_dir: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Replace runs.parquet as a whole (atomically), e.g. after re-keying old rows."""
+    combined = normalise_runs(runs.astype(object).where(runs.notna(), None).to_dict("records"))
+    atomic_write_parquet(combined, Path(out_dir) / RUNS_FILE)
+    return combined
 
 
 def append_runs(out_dir: str | Path, rows: list[dict]) -> pd.DataFrame:
@@ -112,7 +126,15 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     if every one of its seeds finished ok, so a diverging seed cannot be hidden by dropping it.
     """
     rows = []
+    if "setting_key" not in runs.columns:  # rows from before key version 2
+        runs = runs.assign(setting_key=pd.Series(pd.NA, index=runs.index, dtype="string"))
     for (method, task), group in runs.groupby(["method", "task"], sort=True):
+        settings = set(group["setting_key"].fillna("recorded before key version 2"))
+        if len(settings) > 1:  # a sweep refuses this; only hand-merged run files get here
+            raise ValueError(
+                f"{method} on {task}: runs of {len(settings)} different settings "
+                f"({sorted(settings)}); one leaderboard row never averages across settings"
+            )
         ok = group[group["status"] == "ok"]
         complete = [
             lr for lr, g in group.groupby("lr") if (g["status"] == "ok").all() and len(g) > 0
@@ -136,6 +158,7 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
             "method_config": _unique(group["method_config"]),
             "test_metric": _unique(group["test_metric"]),
             "selection_metric": _unique(group["selection_metric"]),
+            "setting_key": _unique(group["setting_key"]),
         }
         if by_lr.notna().any():
             chosen = float(by_lr.idxmax())

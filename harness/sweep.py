@@ -16,9 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-from harness import distributed, provenance
-from harness.config import SweepConfig, TrialSpec, expand
-from harness.results import append_runs, format_leaderboard, read_runs, write_leaderboard
+from harness import distributed, identity, provenance
+from harness.config import ConfigError, SweepConfig, TrialSpec, expand
+from harness.results import (
+    append_runs,
+    format_leaderboard,
+    read_runs,
+    write_leaderboard,
+    write_runs,
+)
 from harness.trial import STATUS_FAILED, base_row, run_trial
 
 
@@ -96,9 +102,27 @@ def _make_callback(out_dir: Path, specs: list[TrialSpec]):
 
 
 def pending_specs(cfg: SweepConfig, out_dir: Path) -> tuple[list[TrialSpec], int]:
-    """The grid minus keys that already finished ok in this output dir."""
-    specs = expand(cfg)
+    """The resolved grid minus keys that already finished ok in this output dir.
+
+    Runs recorded under key version 1 are re-keyed first where they provably are this
+    setting; runs of another setting for one of this sweep's (method, task) pairs are an
+    error (one output dir, one setting per pair: the leaderboard never averages across
+    settings)."""
+    specs = identity.resolve(expand(cfg))
     runs = read_runs(out_dir)
+    runs, migrated = identity.migrate_runs(runs, specs)
+    conflicts = identity.setting_conflicts(runs, specs)
+    if conflicts:
+        shown = "\n".join(f"  - {c}" for c in conflicts[:10])
+        more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
+        raise ConfigError(
+            f"{out_dir / 'runs.parquet'} holds runs of a different setting (method config, "
+            f"protocol, data, model or budget) than this sweep:\n{shown}{more}\n"
+            "Write to a new output_dir (nothing was run or changed)."
+        )
+    if migrated:
+        runs = write_runs(out_dir, runs)
+        print(f"re-keyed {migrated} runs recorded under key version 1 (same setting)", flush=True)
     finished = set(runs.loc[runs["status"] == "ok", "key"]) if len(runs) else set()
     todo = [s for s in specs if s.key() not in finished]
     return todo, len(specs) - len(todo)

@@ -20,8 +20,8 @@ import torch
 
 import methods
 import tasks
-from harness import memory, provenance, sanity
-from harness.config import TrialSpec
+from harness import identity, memory, provenance, sanity
+from harness.config import KEY_VERSION, TrialSpec
 from harness.models import resolve_model
 from harness.pipelines import build_pipeline
 from harness.train import Diverged, train
@@ -46,6 +46,9 @@ def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[
     """The identity and provenance columns every row has, whatever happened."""
     return {
         "key": spec.key(),
+        "key_version": KEY_VERSION,
+        "setting_key": spec.setting_key(),
+        "data_fingerprint": spec.data_fingerprint,
         "sweep": spec.sweep,
         "status": status,
         "error": error,
@@ -63,6 +66,11 @@ def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[
 
 def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
     spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
+    if not spec.resolved:  # called directly rather than by a sweep's driver
+        try:
+            spec = identity.resolve([spec])[0]
+        except Exception:  # noqa: BLE001 - the trial below fails with the real reason
+            spec = identity.resolve([spec], read_data=False)[0]
     started = time.perf_counter()
     row = base_row(spec)
     try:
@@ -74,6 +82,22 @@ def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
         row["traceback"] = traceback.format_exc(limit=20)
     row["wall_time_s"] = time.perf_counter() - started
     return row
+
+
+def _check_identity(spec: TrialSpec, protocol: str, fingerprint: str) -> None:
+    """The worker must read what the driver keyed the run by (another node's mirror, a file
+    replaced mid-sweep, or a worker on other code would otherwise hide under that key)."""
+    if protocol != spec.protocol:
+        raise ValueError(
+            f"task {spec.task}: this worker's eval protocol {protocol!r} is not the driver's "
+            f"{spec.protocol!r} (different code on driver and worker?)"
+        )
+    if fingerprint != spec.data_fingerprint:
+        raise ValueError(
+            f"task {spec.task}: the data this worker read (fingerprint {fingerprint}) is not "
+            f"what the sweep was keyed by ({spec.data_fingerprint}); the data changed or "
+            "differs between nodes"
+        )
 
 
 def load_data_and_model(spec: TrialSpec, row: dict[str, Any], device):
@@ -90,6 +114,7 @@ def load_data_and_model(spec: TrialSpec, row: dict[str, Any], device):
     )
     row["protocol"] = task.protocol
     row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
+    _check_identity(spec, task.protocol, identity.data_fingerprint(splits.provenance))
     row["data_kind"] = _data_kind(splits.provenance)
     row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
     row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})

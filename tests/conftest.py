@@ -12,6 +12,16 @@ MIRROR = REPO.parent / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def with_identity(specs, data_fingerprint: str = "fixed-data"):
+    """Specs resolved without reading data: for tests of what else enters the key."""
+    from harness import identity
+
+    return [
+        s.model_copy(update={"data_fingerprint": data_fingerprint})
+        for s in identity.resolve(specs, read_data=False)
+    ]
+
+
 @pytest.fixture(scope="session")
 def mirror_dir() -> str:
     if not (MIRROR / "nyu-mll" / "glue").is_dir():

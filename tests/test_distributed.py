@@ -17,7 +17,7 @@ from harness.config import ConfigError, DistributedConfig, expand, load_config, 
 from harness.deepspeed_config import BatchError, BatchPlan, batch_plan, render
 from harness.distributed import check_storage, derived_max_concurrent, is_shared_storage
 from harness.memory_estimate import estimate, meta_model
-from tests.conftest import MINILM, REPO
+from tests.conftest import MINILM, REPO, with_identity
 
 GOOD = {
     "name": "t",
@@ -137,25 +137,32 @@ def test_valid_distributed_and_smoke_configs():
         validate_config(_cfg(distributed={"gpus_per_trial": 1}))  # no GPU reserved
 
 
-def test_content_keys_of_existing_results_are_unchanged(monkeypatch):
-    """Specs without the new sections keep their published keys (resumption stays valid)."""
+def test_legacy_keys_of_existing_results_are_unchanged(monkeypatch):
+    """Specs without the new sections keep their version-1 keys, by which runs recorded
+    before key version 2 are recognised (and then re-keyed: tests/test_identity.py)."""
     runs = pd.read_parquet(REPO / "results" / "glue-minilm-main" / "runs.parquet")
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
     cfg = load_config(REPO / "harness" / "configs" / "glue_minilm_main.yaml")
-    assert {s.key() for s in expand(cfg)} == set(runs["key"])
+    recorded = (
+        set(runs["legacy_key"].fillna(runs["key"])) if "legacy_key" in runs else set(runs["key"])
+    )
+    assert {s.legacy_key() for s in expand(cfg)} == recorded
 
 
 def test_distributed_settings_that_change_numbers_enter_the_key_and_others_do_not():
     def key(**dist):
-        return expand(validate_config(_cfg(distributed={"workers": 2, **dist})))[0].key()
+        cfg = validate_config(_cfg(distributed={"workers": 2, **dist}))
+        return with_identity(expand(cfg))[0].key()
 
-    plain = expand(validate_config(_cfg()))[0].key()
+    plain = with_identity(expand(validate_config(_cfg())))[0].key()
     base = key()
     assert base != plain
     assert key(zero_stage=2) != base and key(micro_batch_size=2) != base
     assert key(cpus_per_worker=4, max_failures=3, checkpoint_every_steps=10) == base
     assert (
-        expand(validate_config(_cfg(resources={"gpus_per_trial": 0.5, "smoke": True})))[0].key()
+        with_identity(
+            expand(validate_config(_cfg(resources={"gpus_per_trial": 0.5, "smoke": True})))
+        )[0].key()
         != plain
     )  # smoke rows never stand in for real ones
 

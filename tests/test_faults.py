@@ -15,6 +15,7 @@ import torch
 import yaml
 from torch import nn
 
+from harness import identity
 from harness.cli import main
 from harness.config import expand, load_config
 from harness.train import Diverged, check_divergence, train
@@ -113,7 +114,7 @@ def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_pa
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, mid-sweep
         driver.wait()
     before = pd.read_parquet(runs_file)
-    expected_keys = {s.key() for s in expand(load_config(config))}
+    expected_keys = {s.key() for s in identity.resolve(expand(load_config(config)))}
     assert 2 <= len(before) < len(expected_keys)
 
     assert main(["sweep", str(config)]) == 0  # the same command completes the sweep

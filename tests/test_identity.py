@@ -1,0 +1,188 @@
+"""Content keys (version 2): resolved defaults, protocol and data enter; old runs migrate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import methods
+import tasks
+from harness import identity
+from harness.config import Budget, ConfigError, EvalConfig, TrialSpec
+from harness.results import build_leaderboard, normalise_runs, read_runs, write_runs
+from harness.sweep import pending_specs
+from harness.trial import _check_identity
+from tests.conftest import MINILM
+
+BUDGET = Budget(max_steps=2, batch_size=4, max_length=16, train_rows=16, selection_rows=8,
+                test_rows=8)  # fmt: skip
+
+
+def spec(data_dir: str | None, method: str = "lora", overrides=None, **fields) -> TrialSpec:
+    return TrialSpec(
+        sweep="t", method=method, method_overrides=overrides or {}, task="glue/rte", lr=1e-3,
+        seed=0, model_id=MINILM, model_revision=None, budget=BUDGET,
+        eval=EvalConfig(batch_size=8), data_dir=data_dir, model_dir=None, **fields,
+    )  # fmt: skip
+
+
+def one(s: TrialSpec) -> TrialSpec:
+    return identity.resolve([s])[0]
+
+
+@pytest.fixture
+def rte_copy(tmp_path, mirror_dir) -> Path:
+    """A writable mirror holding only GLUE RTE."""
+    src = Path(mirror_dir) / "nyu-mll" / "glue" / "rte"
+    dst = tmp_path / "mirror" / "nyu-mll" / "glue" / "rte"
+    dst.mkdir(parents=True)
+    for f in src.glob("*.parquet"):
+        shutil.copyfile(f, dst / f.name)
+    return tmp_path / "mirror"
+
+
+def test_unresolved_spec_has_no_content_key():
+    with pytest.raises(ValueError, match="not resolved"):
+        spec(None).key()
+
+
+def test_resolved_defaults_enter_the_key_not_how_they_were_written(rte_copy):
+    default = one(spec(str(rte_copy)))
+    rank = default.method_config["rank"]
+    assert one(spec(str(rte_copy), overrides={"rank": rank})).key() == default.key()
+    other = one(spec(str(rte_copy), overrides={"rank": rank * 2}))
+    assert other.key() != default.key() and other.setting_key() != default.setting_key()
+
+
+def test_a_changed_default_is_a_new_key(rte_copy, monkeypatch):
+    before = one(spec(str(rte_copy)))
+    lora = methods.get_method("lora")
+    doubled = before.method_config["alpha"] * 2
+
+    class NewDefaults(lora.hyperparams_cls):
+        alpha: float = doubled
+
+    monkeypatch.setattr(type(lora), "hyperparams_cls", NewDefaults)
+    after = one(spec(str(rte_copy)))
+    assert after.method_config["alpha"] == doubled
+    assert after.key() != before.key()
+
+
+def test_protocol_version_enters_the_key(rte_copy, monkeypatch):
+    before = one(spec(str(rte_copy)))
+    monkeypatch.setattr(type(tasks.get_task("glue/rte")), "protocol", "glue-v2:changed")
+    after = one(spec(str(rte_copy)))
+    assert after.protocol == "glue-v2:changed" and after.key() != before.key()
+
+
+def test_data_fingerprint_enters_the_key_and_ignores_location(rte_copy, tmp_path):
+    before = one(spec(str(rte_copy)))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(rte_copy, moved)
+    assert one(spec(str(moved))).key() == before.key()  # same bytes, another folder
+    test_file = rte_copy / "nyu-mll" / "glue" / "rte" / "validation.parquet"
+    pd.read_parquet(test_file).iloc[:-1].to_parquet(test_file)  # one test row fewer
+    after = one(spec(str(rte_copy)))
+    assert after.data_fingerprint != before.data_fingerprint and after.key() != before.key()
+
+
+def test_unreadable_data_is_one_clear_error_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="glue/rte: cannot read its data"):
+        identity.resolve([spec(str(tmp_path)), spec(str(tmp_path), method="dora")])
+
+
+def test_worker_reading_other_data_than_the_driver_fails(rte_copy):
+    s = one(spec(str(rte_copy)))
+    _check_identity(s, s.protocol, s.data_fingerprint)  # the same: fine
+    with pytest.raises(ValueError, match="not what the sweep was keyed by"):
+        _check_identity(s, s.protocol, "0" * 16)
+    with pytest.raises(ValueError, match="eval protocol"):
+        _check_identity(s, "other-protocol", s.data_fingerprint)
+
+
+def _v1_row(s: TrialSpec, status: str = "ok", **changes) -> dict:
+    """A runs.parquet row as recorded before key version 2 (no identity columns)."""
+    splits = tasks.get_task(s.task).splits(s.data_dir, train_rows=16, selection_rows=8, test_rows=8)
+    row = {
+        "key": s.legacy_key(), "sweep": "t", "status": status, "method": s.method,
+        "task": s.task, "seed": s.seed, "lr": s.lr, "protocol": s.protocol,
+        "data_source": json.dumps(splits.provenance, default=str),
+        "method_config": json.dumps({**s.method_config, "target_modules": ["query"]}),
+        "selection_score": 0.5, "test_score": 0.5, "git_commit": "old",
+    }  # fmt: skip
+    return {**row, **changes}
+
+
+def test_version1_runs_of_the_same_setting_are_rekeyed(rte_copy):
+    specs = identity.resolve([spec(str(rte_copy)), spec(str(rte_copy), method="dora")])
+    runs = normalise_runs([_v1_row(specs[0]), _v1_row(specs[1])])
+    migrated, count = identity.migrate_runs(runs, specs)
+    assert count == 2
+    assert list(migrated["key"]) == [s.key() for s in specs]
+    assert list(migrated["legacy_key"]) == [s.legacy_key() for s in specs]
+    assert list(migrated["setting_key"]) == [s.setting_key() for s in specs]
+    assert identity.setting_conflicts(migrated, specs) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"protocol": "glue-v0:old"},
+        {"method_config": json.dumps({"rank": 4, "alpha": 16.0, "dropout": 0.0})},
+        {"data_source": json.dumps({"train": {"fingerprint": "feedfacefeedface"}})},
+    ],
+)
+def test_version1_runs_of_another_setting_are_a_conflict_not_a_match(rte_copy, change):
+    specs = identity.resolve([spec(str(rte_copy))])
+    runs = normalise_runs([_v1_row(specs[0], **change)])
+    migrated, count = identity.migrate_runs(runs, specs)
+    assert count == 0 and migrated["key"].iloc[0] == specs[0].legacy_key()
+    (problem,) = identity.setting_conflicts(migrated, specs)
+    assert "lora on glue/rte" in problem and "not provably this setting" in problem
+
+
+def test_sweep_refuses_an_output_dir_of_another_setting_and_changes_nothing(rte_copy, tmp_path):
+    from harness.config import validate_config
+
+    cfg = validate_config({
+        "name": "t", "model": {"id": MINILM}, "tasks": ["glue/rte"],
+        "methods": {"lora": {"lrs": [1e-3]}}, "seeds": [0],
+        "budget": BUDGET.model_dump(), "output_dir": str(tmp_path / "out"),
+        "data_dir": str(rte_copy), "eval": {"batch_size": 8},
+    })  # fmt: skip
+    (resolved,) = identity.resolve([spec(str(rte_copy))])
+    out = tmp_path / "out"
+    # A finished run of this (method, task) but rank 4: another setting.
+    other = one(spec(str(rte_copy), overrides={"rank": 4}))
+    write_runs(out, normalise_runs([{
+        "key": other.key(), "key_version": 2, "setting_key": other.setting_key(),
+        "status": "ok", "method": "lora", "task": "glue/rte", "seed": 0, "lr": 1e-3,
+    }]))  # fmt: skip
+    before = (out / "runs.parquet").read_bytes()
+    with pytest.raises(ConfigError, match="different setting"):
+        pending_specs(cfg, out)
+    assert (out / "runs.parquet").read_bytes() == before
+
+    # A version-1 run of exactly this setting: re-keyed on disk, and not run again.
+    write_runs(out, normalise_runs([_v1_row(resolved)]))
+    todo, done = pending_specs(cfg, out)
+    assert (todo, done) == ([], 1)
+    runs = read_runs(out)
+    assert runs["key"].tolist() == [resolved.key()] and runs["key_version"].tolist() == [2]
+
+
+def test_leaderboard_never_averages_across_settings(rte_copy):
+    a = one(spec(str(rte_copy)))
+    b = one(spec(str(rte_copy), overrides={"rank": 4}))
+    rows = [
+        {"key": s.key(), "key_version": 2, "setting_key": s.setting_key(), "status": "ok",
+         "method": "lora", "task": "glue/rte", "seed": 0, "lr": 1e-3, "selection_score": 0.5,
+         "test_score": 0.5, "test_metrics": "{}", "majority_baseline": 0.5}
+        for s in (a, b)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="2 different settings"):
+        build_leaderboard(normalise_runs(rows))
