@@ -145,6 +145,17 @@ class DistributedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="optimizer states + fp32 master on CPU")
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters on CPU")
     gradient_checkpointing: bool = True
+    load_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="weights as loaded, before the method's init and ZeRO: auto = bf16 when "
+        "training in bf16 (DeepSpeed casts to it anyway; halves every rank's load-time "
+        "memory, the inits then run in bf16), else fp32",
+    )
+    offload_init_statistics: bool | None = Field(
+        None,
+        description="data-informed inits keep their fp32 gradient accumulators in host "
+        "memory; None = on when offload_optimizer or offload_params is",
+    )
     micro_batch_size: int | None = Field(
         None, gt=0, description="per-rank micro-batch; None = global / world (no accumulation)"
     )
@@ -178,6 +189,12 @@ class DistributedConfig(_Strict):
         return self.workers or max(1, self.gpus_per_trial)
 
     @property
+    def offloads_init_statistics(self) -> bool:
+        if self.offload_init_statistics is not None:
+            return self.offload_init_statistics
+        return self.offload_optimizer or self.offload_params
+
+    @property
     def enabled(self) -> bool:
         """Whether trials take the distributed (Ray Train) path."""
         return self.workers is not None or self.gpus_per_trial > 1
@@ -191,7 +208,7 @@ class DistributedConfig(_Strict):
         cadence and CPU reservations do not."""
         return self.model_dump(
             exclude={"cpus_per_worker", "max_failures", "trial_max_failures",
-                     "checkpoint_every_steps", "save_adapter"}
+                     "checkpoint_every_steps", "save_adapter", "offload_init_statistics"}
         ) | {"world_size": self.world_size}  # fmt: skip
 
 

@@ -74,6 +74,13 @@ def resolve_precision(dist: DistributedConfig, on_gpu: bool) -> str:
     return dist.precision
 
 
+def resolve_load_dtype(dist: DistributedConfig, on_gpu: bool) -> str:
+    """How the weights are loaded: `auto` follows the training precision."""
+    if dist.load_dtype == "auto":
+        return "bf16" if resolve_precision(dist, on_gpu) == "bf16" else "fp32"
+    return dist.load_dtype
+
+
 def render(
     dist: DistributedConfig,
     *,

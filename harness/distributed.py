@@ -336,7 +336,12 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
 
     import methods
     from harness import memory, provenance, sanity
-    from harness.deepspeed_config import batch_plan, render, resolve_precision
+    from harness.deepspeed_config import (
+        batch_plan,
+        render,
+        resolve_load_dtype,
+        resolve_precision,
+    )
     from harness.train import SCHEDULES
     from harness.trial import (
         _majority_baseline,
@@ -361,8 +366,10 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     budget = spec.budget
     plan = batch_plan(budget.batch_size, world, dist.micro_batch_size)
     precision = resolve_precision(dist, on_gpu)
+    load_dtype = resolve_load_dtype(dist, on_gpu)
+    torch_dtype = torch.bfloat16 if load_dtype == "bf16" else torch.float32
 
-    task, splits, pipeline = load_data_and_model(spec, row, device)
+    task, splits, pipeline = load_data_and_model(spec, row, device, torch_dtype)
     model = pipeline.model
     if dist.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -378,6 +385,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         learning_rate=spec.lr,
         train_examples=len(pipeline.train_rows),
         batch_size=budget.batch_size,
+        offload_statistics=dist.offloads_init_statistics,
     )
     expected_trainable = method.expected_trainable_params(model, hp, ctx)
     row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
@@ -388,7 +396,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     model = method.prepare(model, hp, ctx)
     row["init_time_s"] = time.perf_counter() - init_started
     row["sanity_init"] = sanity.check_init(
-        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp)
+        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp), torch_dtype
     )
     trainable, total = count_params(model)
     row.update(trainable_params=trainable, total_params=total)

@@ -21,9 +21,10 @@ compute dtype (bf16 2, fp32 4), per rank:
                allocator fragmentation, CUDA context and communication buffers.
 
 `init_peak_bytes`: before ZeRO partitions anything every rank holds the model as the
-pipeline loads it (fp32, 4 P); a data-informed init adds fp32 gradient accumulators for every
-targeted weight (4 sum(m n) over targets, unless the estimator offloads them) and fp32
-activations of one init micro-batch.
+pipeline loads it (`load_dtype`: fp32 4 P, bf16 2 P); a data-informed init adds fp32
+gradient accumulators for every targeted weight (4 sum(m n) over targets; in host memory
+instead with `offload_init_statistics`, counted in `init_host_bytes`) and the activations of
+one init micro-batch in the load dtype.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class MemoryEstimate:
     activation_bytes: int
     cpu_offload_bytes: int  # what offload moves to host memory, per rank
     init_peak_bytes: int  # load + method init, before partitioning (see module doc)
+    init_host_bytes: int = 0  # init statistics offloaded to host memory, per rank
 
     @property
     def total_bytes(self) -> int:
@@ -119,6 +121,8 @@ def estimate(
     gradient_checkpointing: bool = True,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    load_dtype: str = "fp32",
+    offload_init_statistics: bool = False,
     model: nn.Module | None = None,
 ) -> MemoryEstimate:
     """Per-rank estimate for `method` (registry id) with `overrides` on the model of `config`."""
@@ -160,11 +164,17 @@ def estimate(
     )
     working = 2 * e * largest if zero_stage == 3 else 0
     acts = activation_bytes(config, micro_batch, seq_len, e, gradient_checkpointing)
-    init_peak = 4 * total  # every rank holds the model as loaded (fp32) until ZeRO partitions
+    load_bytes = DTYPE_BYTES[load_dtype]
+    init_peak = load_bytes * total  # every rank holds the model as loaded until ZeRO partitions
+    init_host = 0
     if m.needs_init_batches:
-        init_peak += 4 * target_weights + activation_bytes(
-            config, micro_batch, seq_len, 4, gradient_checkpointing
+        init_peak += activation_bytes(
+            config, micro_batch, seq_len, load_bytes, gradient_checkpointing
         )
+        if offload_init_statistics:
+            init_host = 4 * target_weights
+        else:
+            init_peak += 4 * target_weights
     return MemoryEstimate(
         model_type=config.model_type,
         method=method,
@@ -183,6 +193,7 @@ def estimate(
         activation_bytes=acts,
         cpu_offload_bytes=offloaded,
         init_peak_bytes=init_peak,
+        init_host_bytes=init_host,
     )
 
 
@@ -192,7 +203,7 @@ def estimate_for_sweep(cfg, config=None) -> list[MemoryEstimate]:
     `config`: the model's transformers config; default: read from the model's folder or the
     hub (config.json only), else the architecture card in harness.presets.
     """
-    from harness.deepspeed_config import batch_plan
+    from harness.deepspeed_config import batch_plan, resolve_load_dtype
 
     dist = cfg.distributed
     if dist is None:
@@ -215,6 +226,8 @@ def estimate_for_sweep(cfg, config=None) -> list[MemoryEstimate]:
             gradient_checkpointing=dist.gradient_checkpointing,
             offload_optimizer=dist.offload_optimizer,
             offload_params=dist.offload_params,
+            load_dtype=resolve_load_dtype(dist, on_gpu=True),
+            offload_init_statistics=dist.offloads_init_statistics,
             model=model,
         )
         for name, sweep in cfg.methods.items()

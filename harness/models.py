@@ -185,7 +185,9 @@ class LoadedModel:
     model_type: str
 
 
-def load_sequence_model(source: ModelSource, num_labels: int, regression: bool) -> LoadedModel:
+def load_sequence_model(
+    source: ModelSource, num_labels: int, regression: bool, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """A pretrained encoder with a new classification/regression head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -197,7 +199,7 @@ def load_sequence_model(source: ModelSource, num_labels: int, regression: bool) 
         num_labels=num_labels,
         problem_type="regression" if regression else "single_label_classification",
         output_loading_info=True,
-        dtype=torch.float32,
+        dtype=dtype,
     )
     tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
     # The head is whatever the checkpoint did not provide; it must train under every method.
@@ -205,12 +207,12 @@ def load_sequence_model(source: ModelSource, num_labels: int, regression: bool) 
     return LoadedModel(model, tokenizer, head, source, model.config.model_type)
 
 
-def load_causal_lm(source: ModelSource) -> LoadedModel:
+def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A pretrained decoder with its LM head (nothing new: no head modules)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        source.location, revision=_rev(source), dtype=torch.float32
+        source.location, revision=_rev(source), dtype=dtype
     )
     tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
     if tokenizer.pad_token_id is None:

@@ -77,14 +77,18 @@ def build_pipeline(
     eval_batch_size: int,
     max_new_tokens: int | None,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
+    """`dtype`: the weights as loaded (float32, or bfloat16 for large distributed trials)."""
     if task.head in ("classification", "regression"):
-        return _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device)
+        return _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
     if task.head == "causal_lm":
         assert isinstance(task, GenerativeTask)
         return _causal_lm_pipeline(
-            task, splits, source, max_length, eval_batch_size, max_new_tokens, device
+            task, splits, source, max_length, eval_batch_size, max_new_tokens, device, dtype
         )
+    if dtype != torch.float32:
+        raise ValueError(f"image pipelines load float32 only, not {dtype}")
     if task.head == "image_classification":
         from harness.image_pipeline import image_pipeline
 
@@ -95,10 +99,12 @@ def build_pipeline(
 # ---------------------------------------------------------------- sequence classification
 
 
-def _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device) -> Pipeline:
+def _sequence_pipeline(
+    task, splits, source, max_length, eval_batch_size, device, dtype=torch.float32
+) -> Pipeline:
     from transformers import DataCollatorWithPadding
 
-    loaded = load_sequence_model(source, task.num_labels, task.head == "regression")
+    loaded = load_sequence_model(source, task.num_labels, task.head == "regression", dtype)
     loaded.model.to(device)
     tokenizer = loaded.tokenizer
     collate = DataCollatorWithPadding(tokenizer)
@@ -152,9 +158,16 @@ def pad_causal_batch(pad_id: int):
 
 
 def _causal_lm_pipeline(
-    task: GenerativeTask, splits, source, max_length, eval_batch_size, max_new_tokens, device
+    task: GenerativeTask,
+    splits,
+    source,
+    max_length,
+    eval_batch_size,
+    max_new_tokens,
+    device,
+    dtype=torch.float32,
 ) -> Pipeline:
-    loaded = load_causal_lm(source)
+    loaded = load_causal_lm(source, dtype)
     loaded.model.to(device)
     tokenizer = loaded.tokenizer
     rows = _to_rows(task.encode(tokenizer, splits.train, max_length))

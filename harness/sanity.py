@@ -29,16 +29,28 @@ def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.train(was_training)
 
 
-def _tolerance(reference: torch.Tensor) -> float:
-    # fp32 round-off through a deep network grows with the output scale; 1e-4 relative is
-    # far above it and far below any real change of function.
-    return 1e-4 * (1.0 + float(reference.abs().max()))
+# Relative tolerance by weight dtype. fp32 round-off through a deep network grows with the
+# output scale; 1e-4 is far above it and far below any real change of function. With bf16
+# weights (8 significant bits) an init that rewrites the base weights (PiSSA's residual,
+# LoRA-GA's offset) rounds each of them by up to 2^-9 relative: 5e-2 leaves room for that
+# through a deep network and still catches an init that moves the function by O(1).
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
-def check_init(base: torch.Tensor, prepared: torch.Tensor, starts_at_base: bool) -> str:
-    """A one-line record of the init check; raises SanityError when it fails."""
+def _tolerance(reference: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    return RELATIVE_TOLERANCE[dtype] * (1.0 + float(reference.abs().max()))
+
+
+def check_init(
+    base: torch.Tensor,
+    prepared: torch.Tensor,
+    starts_at_base: bool,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """A one-line record of the init check; raises SanityError when it fails. `dtype`: the
+    base weights' dtype, which sets the tolerance."""
     gap = float((prepared - base).abs().max())
-    tol = _tolerance(base)
+    tol = _tolerance(base, dtype)
     if starts_at_base and gap > tol:
         raise SanityError(
             f"sanity check: the method promises to start at the base function, but its "

@@ -100,7 +100,9 @@ def _check_identity(spec: TrialSpec, protocol: str, fingerprint: str) -> None:
         )
 
 
-def load_data_and_model(spec: TrialSpec, row: dict[str, Any], device):
+def load_data_and_model(
+    spec: TrialSpec, row: dict[str, Any], device, dtype: torch.dtype = torch.float32
+):
     """The task's splits and the model pipeline for its head kind, with their provenance
     recorded in `row`; shared by single-device and distributed trials."""
     # Data: the task owns splits, preprocessing and metrics.
@@ -130,6 +132,7 @@ def load_data_and_model(spec: TrialSpec, row: dict[str, Any], device):
         eval_batch_size=spec.eval.batch_size,
         max_new_tokens=spec.eval.max_new_tokens,
         device=device,
+        dtype=dtype,
     )
     return task, splits, pipeline
 

@@ -37,6 +37,7 @@ class PrepareContext:
         number of batches the method asked for in `init_batches_wanted`.
     learning_rate, train_examples, batch_size: the trial's training setup, for inits that
         depend on it (LoRA-SB's simulated first step, "1/1000 of the training set").
+    offload_statistics: keep init statistics (gradient accumulators) on the CPU.
     """
 
     head_modules: list[str]
@@ -45,6 +46,8 @@ class PrepareContext:
     learning_rate: float | None = None  # LoRA-SB simulates the first AdamW step with it
     train_examples: int | None = None  # so an init can use a fraction of the train set
     batch_size: int | None = None
+    # Data-informed inits keep their fp32 gradient accumulators in host memory (8B models).
+    offload_statistics: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -45,7 +45,9 @@ class LoraGa(PeftLoraMethod):
         if ctx.init_batches is None:
             raise ValueError("lora_ga needs training batches for its gradient estimate")
         layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
-        grads = layer_gradients(model, layers, ctx.init_batches(hp.init_batches))
+        grads = layer_gradients(
+            model, layers, ctx.init_batches(hp.init_batches), offload=ctx.offload_statistics
+        )
         for name in grads:
             # peft's lora_ga_init reads the estimate from here (what preprocess_loraga sets);
             # ours is all-reduced across ranks and accumulated layer-wise in float32.

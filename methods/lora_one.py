@@ -69,7 +69,9 @@ class LoraOne(PeftLoraMethod):
             raise ValueError("lora_one needs training batches for its one-step gradient")
         layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
         check_rank_fits(layers, hp.rank)
-        grads = layer_gradients(model, layers, ctx.init_batches(hp.init_batches))
+        grads = layer_gradients(
+            model, layers, ctx.init_batches(hp.init_batches), offload=ctx.offload_statistics
+        )
         factors = {
             name: lora_one_factors(grads.pop_mean(name), hp.rank, hp.stable_gamma, hp.svd_niter)
             for name in grads

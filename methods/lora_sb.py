@@ -74,7 +74,12 @@ class LoraSb(Method):
             raise ValueError("lora_sb needs init_eta or the training learning rate")
         layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
         check_rank_fits(layers, hp.rank)
-        grads = layer_gradients(model, layers, ctx.init_batches(self.init_batches_wanted(hp, ctx)))
+        grads = layer_gradients(
+            model,
+            layers,
+            ctx.init_batches(self.init_batches_wanted(hp, ctx)),
+            offload=ctx.offload_statistics,
+        )
         for p in model.parameters():
             p.requires_grad_(False)
         wrapped = inject(model, list(layers), hp.rank, hp.scaling)

@@ -268,3 +268,53 @@ def test_rank_above_layer_size_is_refused_clearly():
     method = methods.get_method("lora_sb")
     with pytest.raises(ValueError, match="rank 64 exceeds"):
         method.prepare(tiny_bert(), method.hyperparams({"rank": 64, "init_batches": 1}), ctx())
+
+
+# ---------------------------------------------------------------- large-model settings
+
+
+@pytest.mark.parametrize("name", ["lora_ga", "lora_one", "lora_sb"])
+def test_offload_flag_reaches_the_estimator_and_changes_no_number(name, monkeypatch):
+    import methods.grad_estimator as estimator
+
+    seen = []
+    original = estimator.layer_gradients
+
+    def spy(*args, offload=False, **kw):
+        seen.append(offload)
+        return original(*args, offload=offload, **kw)
+
+    monkeypatch.setattr(f"methods.{name}.layer_gradients", spy)
+    method = methods.get_method(name)
+    hp = method.hyperparams(
+        {"rank": 2, "target_modules": TARGETS, "init_batches": 3}
+        if name != "lora_sb"
+        else {"rank": 2, "target_modules": TARGETS}
+    )
+    plain = method.prepare(tiny_bert(), hp, ctx())
+    offloaded_ctx = ctx()
+    offloaded_ctx.offload_statistics = True
+    offloaded = method.prepare(tiny_bert(), hp, offloaded_ctx)
+    assert seen == [False, True]
+    for (n, a), (_, b) in zip(plain.named_parameters(), offloaded.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("name", ["pissa", "lora_ga"])
+def test_bf16_loaded_model_passes_the_init_check_at_bf16_tolerance(name):
+    """A large distributed trial loads bf16 weights: an init that rewrites them (PiSSA's
+    residual, LoRA-GA's offset) rounds them, which the fp32 tolerance would call a broken
+    promise; the bf16 tolerance accepts it and still refuses an O(1) move."""
+    from harness import sanity
+
+    model = tiny_bert().to(torch.bfloat16)
+    probe = {k: v for k, v in batch(30).items()}
+    base = sanity.outputs(model, probe)
+    method = methods.get_method(name)
+    hp = method.hyperparams({"rank": 2, "target_modules": TARGETS})
+    prepared = method.prepare(model, hp, ctx())
+    after = sanity.outputs(prepared, probe)
+    assert method.starts_at_base(hp)
+    assert sanity.check_init(base, after, True, torch.bfloat16).startswith("identity")
+    with pytest.raises(sanity.SanityError):
+        sanity.check_init(base, after + 1.0 + base.abs().max(), True, torch.bfloat16)

@@ -307,6 +307,40 @@ def test_memory_estimate_matches_a_hand_computation():
     assert est.init_peak_bytes == 4 * P  # prepared on the full fp32 model before partitioning
 
 
+def test_init_memory_follows_the_load_dtype_and_statistics_offload():
+    """LoRA-GA on LLaMA3-8B: loading bf16 halves the model held at init; offloading the
+    gradient accumulators (4 sum(m n)) moves them to host memory."""
+    config, P = _config(LLAMA), 8_030_261_248
+    kw = {"zero_stage": 3, "world_size": 8, "micro_batch": 1, "seq_len": 512}
+    fp32 = estimate(config, "lora_ga", {"rank": 32}, **kw)
+    bf16 = estimate(config, "lora_ga", {"rank": 32}, load_dtype="bf16", **kw)
+    off = estimate(
+        config, "lora_ga", {"rank": 32}, load_dtype="bf16", offload_init_statistics=True, **kw
+    )
+    from harness.memory_estimate import activation_bytes
+
+    accumulators = 4 * fp32.target_weight_params
+    acts = {e: activation_bytes(config, 1, 512, e, True) for e in (2, 4)}
+    assert fp32.init_peak_bytes == 4 * P + accumulators + acts[4]
+    assert bf16.init_peak_bytes == 2 * P + accumulators + acts[2]
+    assert off.init_peak_bytes == 2 * P + acts[2] and off.init_host_bytes == accumulators
+    assert fp32.init_host_bytes == 0
+
+
+def test_load_dtype_follows_training_precision_unless_set():
+    from harness.deepspeed_config import resolve_load_dtype
+
+    assert resolve_load_dtype(DistributedConfig(workers=2), on_gpu=True) == "bf16"
+    assert resolve_load_dtype(DistributedConfig(workers=2), on_gpu=False) == "fp32"
+    assert resolve_load_dtype(DistributedConfig(workers=2, precision="fp32"), True) == "fp32"
+    assert resolve_load_dtype(DistributedConfig(workers=2, load_dtype="fp32"), True) == "fp32"
+    offload = DistributedConfig(workers=2, zero_stage=3, offload_params=True)
+    assert offload.offloads_init_statistics and not DistributedConfig().offloads_init_statistics
+    assert not DistributedConfig(
+        offload_optimizer=True, offload_init_statistics=False
+    ).offloads_init_statistics
+
+
 # ---------------------------------------------------------------- (c) 2 workers, ZeRO-3, gloo
 
 
