@@ -12,8 +12,10 @@ pipeline, method, sanity checks, evaluators, result row), distributed:
 - data: each optimizer step consumes one global batch (`budget.batch_size`) drawn in the
   same seeded order as the single-device loop (incomplete last batches are dropped); rank r
   takes its contiguous share and splits it into `accumulation` micro-batches;
-- init: the model is loaded and the method prepared on every rank *before* DeepSpeed
-  partitions it, so methods read base weights as on one device; data-informed inits see this
+- init: the model is loaded (bf16 when training in bf16: `load_dtype`) and the method
+  prepared on every rank *before* DeepSpeed partitions it, so methods read base weights as
+  on one device (gradient accumulators optionally in host memory:
+  `offload_init_statistics`); data-informed inits see this
   rank's share of the init batches and the shared estimator all-reduces the gradient sums
   and counts, so every rank computes the same initialisation (the random state is restored
   after the rank-specific init batches; the row records a bitwise digest of the adapter per
