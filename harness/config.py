@@ -470,10 +470,10 @@ def _zero_unsupported(method: Any, hp: Any) -> str | None:
     """
     from methods.base import Method
 
-    if type(method).callbacks is not Method.callbacks:
+    if type(method).callbacks is not Method.callbacks and not method.callbacks_support_zero:
         return (
-            f"{method.name}'s training callbacks rewrite parameters/optimizer state, which "
-            "ZeRO partitions (needs deepspeed.utils.safe_set_full_fp32_param support)"
+            f"{method.name}'s training callbacks rewrite parameters/optimizer state directly, "
+            "which ZeRO partitions (they must go through methods.base.ParamAccess)"
         )
     if getattr(hp, "optimizer", "adamw") not in ("adamw", None):
         return (

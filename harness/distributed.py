@@ -436,7 +436,19 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     restored_step = restored["step"] if restored else None
     state = restored or {"step": 0, "losses": [], "curve": [], "eval_curve": [],
                          "train_time": 0.0, "tokens": 0}  # fmt: skip
-    result = _train(engine, shares, spec, state, total_steps, pipeline, task)
+    callbacks = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe, torch_dtype)
+    if restored_step:  # e.g. SDS-LoRA: which form the restored adapter is in
+        callbacks.on_restore(restored_step, engine.module)
+    access = ZeroParamAccess(engine, dist.zero_stage)
+    result = _train(engine, shares, spec, state, total_steps, pipeline, task, callbacks, access)
+    row["sanity_callbacks"] = callbacks.summary()
+    # Callbacks may rewrite replicated buffers (SDS-LoRA's bases): every rank must agree.
+    buffer_digests = _all_gather_object(_state_digest(dict(engine.module.named_buffers())), world)
+    if len(set(buffer_digests)) != 1:
+        raise sanity.SanityError(
+            f"sanity check: the ranks hold different module buffers after training "
+            f"(digests {buffer_digests})"
+        )
     peak, kind = memory.peak_mb(device)
     row["peak_memory_mb"] = _all_reduce_max(peak, device)
     row["peak_memory_kind"] = f"{kind} (max over {world} ranks)"
@@ -492,6 +504,9 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
             "schedule": budget.schedule or "linear",
             "init_digests": digests,
             "init_identical": len(set(digests)) == 1,
+            "load_dtype": load_dtype,
+            "buffer_digests": buffer_digests,
+            "callback_events": [list(e) for e in callbacks.events],
             "adapter_digest": _state_digest(adapter) if adapter else None,
             "restored_from_step": restored_step,
             "train_run": train_run_name(spec),
@@ -503,8 +518,11 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     )
 
 
-def _train(engine, shares, spec, state, total_steps, pipeline, task) -> dict[str, Any]:
-    """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates and clips."""
+def _train(
+    engine, shares, spec, state, total_steps, pipeline, task, callbacks=(), access=None
+) -> dict[str, Any]:
+    """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates and clips. The
+    method's callbacks run after each optimizer step, through `access` (ZeroParamAccess)."""
     import torch.distributed as tdist
 
     from harness.train import check_divergence
@@ -532,6 +550,8 @@ def _train(engine, shares, spec, state, total_steps, pipeline, task) -> dict[str
                 totals[1] += batch["attention_mask"].sum()
         tdist.all_reduce(totals)
         loss_value = float(totals[0]) / tdist.get_world_size()
+        for cb in callbacks:
+            cb.on_step_end(step, engine.module, engine.optimizer, access)
         train_time += time.perf_counter() - started
         if step == fail_at:
             raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
@@ -551,6 +571,69 @@ def _train(engine, shares, spec, state, total_steps, pipeline, task) -> dict[str
                 _save_checkpoint(engine, state, {"step": step, "loss": loss_value})
     return {"losses": losses, "curve": curve, "eval_curve": eval_curve,
             "train_time": train_time, "tokens": tokens}  # fmt: skip
+
+
+class ZeroParamAccess:
+    """methods.base.ParamAccess under DeepSpeed ZeRO-2/3 (every rank calls it alike).
+
+    ZeRO keeps the parameters' fp32 masters in the optimizer's flat partitions, and under
+    ZeRO-3 the module's own parameters are partitioned too. `read` assembles the full fp32
+    master (collective); `write` sets the master partition and the module parameter (ZeRO-2:
+    each rank's full replica; ZeRO-3: gathered, rewritten on rank 0, re-partitioned on exit);
+    `reset_optimizer_state` zeroes every state tensor in place (AdamW: moments and step, i.e.
+    a fresh optimizer; in place so DeepSpeed's views into the state stay valid).
+    """
+
+    def __init__(self, engine, zero_stage: int) -> None:
+        self.engine = engine
+        self.zero_stage = zero_stage
+
+    def read(self, param: torch.nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        if value is None:
+            raise ValueError("parameter is not managed by the ZeRO optimizer (frozen?)")
+        return value.reshape(self.shape(param))
+
+    @torch.no_grad()
+    def write(self, updates: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for param, value in updates:
+            safe_set_full_fp32_param(param, value.to(torch.float32))
+            # Read back: a master copy the optimizer does not see would be lost at its next
+            # step (and the rewrite silently undone).
+            stored = self.read(param)
+            if not torch.equal(
+                stored, value.to(stored.device, torch.float32).reshape(stored.shape)
+            ):
+                raise RuntimeError("ZeRO fp32 master copy did not take the new parameter value")
+        params = [param for param, _ in updates]
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+            if self.zero_stage == 3
+            else _nullcontext()
+        )
+        with gather:
+            for param, value in updates:
+                param.data.copy_(value.reshape(param.shape).to(param.dtype))
+
+    def reset_optimizer_state(self) -> None:
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in inner.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif isinstance(value, (int, float)):
+                    state[key] = type(value)(0)
+        for group in inner.param_groups:
+            if "step" in group:
+                group["step"] = 0
+
+    def shape(self, param: torch.nn.Parameter) -> torch.Size:
+        return getattr(param, "ds_shape", param.shape)
 
 
 # ---------------------------------------------------------------- checkpoints and adapters

@@ -29,9 +29,9 @@ RUN_COLUMNS = [
     "peak_memory_mb", "peak_memory_kind", "steps", "samples_per_s", "tokens_per_s",
     "final_train_loss", "selection_metric", "selection_score", "selection_metrics",
     "test_metric", "test_score", "test_metrics", "majority_baseline", "loss_curve",
-    "eval_curve", "test_items", "sanity_init", "sanity_merge", "packages", "git_commit",
-    "hostname", "device", "threads", "started_at", "traceback", "key_version", "setting_key",
-    "data_fingerprint", "legacy_key",
+    "eval_curve", "test_items", "sanity_init", "sanity_merge", "sanity_callbacks", "packages",
+    "git_commit", "hostname", "device", "threads", "started_at", "traceback", "key_version",
+    "setting_key", "data_fingerprint", "legacy_key",
 ]  # fmt: skip
 
 LEADERBOARD_COLUMNS = [

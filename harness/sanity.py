@@ -74,3 +74,49 @@ def check_merge(unmerged: torch.Tensor, merged: torch.Tensor) -> str:
             f"{gap:.3g} (tolerance {tol:.3g})"
         )
     return f"merged == unmerged: max|delta output|={gap:.3g} (tol {tol:.3g})"
+
+
+class CheckedCallbacks:
+    """Wraps a method's training callbacks: at a step where a callback promises to keep
+    the model's function (`preserves_function(step)`, e.g. SDS-LoRA's reparameterisation
+    after warm-up), the probe outputs before and after it must agree (tolerance by dtype).
+    `records` holds one line per check, for the row's `sanity_callbacks`."""
+
+    def __init__(self, callbacks, probe: dict[str, torch.Tensor], dtype=torch.float32):
+        self.callbacks = list(callbacks)
+        self.probe = probe
+        self.dtype = dtype
+        self.records: list[str] = []
+
+    def __iter__(self):  # the training loops take a list of callbacks: this is one
+        return iter([self])
+
+    @property
+    def events(self) -> list:
+        return [e for cb in self.callbacks for e in getattr(cb, "events", [])]
+
+    def on_restore(self, step: int, model: nn.Module) -> None:
+        for cb in self.callbacks:
+            getattr(cb, "on_restore", lambda *_: None)(step, model)
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer, access=None) -> None:
+        for cb in self.callbacks:
+            promise = getattr(cb, "preserves_function", None)
+            before = outputs(model, self.probe) if promise and promise(step) else None
+            cb.on_step_end(step, model, optimizer, access)
+            if before is None:
+                continue
+            gap = float((outputs(model, self.probe) - before).abs().max())
+            tol = _tolerance(before, self.dtype)
+            name = type(cb).__name__
+            if gap > tol:
+                raise SanityError(
+                    f"sanity check: {name} promises to keep the model's function at step "
+                    f"{step}, but its outputs moved by {gap:.3g} (tolerance {tol:.3g})"
+                )
+            self.records.append(
+                f"{name} step {step}: function kept, max|delta output|={gap:.3g} (tol {tol:.3g})"
+            )
+
+    def summary(self) -> str:
+        return "; ".join(self.records) if self.records else "none"

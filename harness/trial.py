@@ -191,6 +191,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     total_steps = budget.max_steps or math.ceil(
         budget.epochs * len(pipeline.train_rows) / budget.batch_size
     )
+    checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe)
     result = train(
         model,
         optimizer,
@@ -199,11 +200,12 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         warmup_ratio=budget.warmup_ratio,
         max_grad_norm=budget.max_grad_norm,
         schedule=budget.schedule or "linear",
-        callbacks=method.callbacks(hp, total_steps),
+        callbacks=checked,
         evaluate_every=spec.eval.every_steps,
         evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
         device=device,
     )
+    row["sanity_callbacks"] = checked.summary()
     row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
     row.update(
         steps=result.steps,

@@ -51,11 +51,70 @@ class PrepareContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+class ParamAccess(Protocol):
+    """How a training callback reads and rewrites trainable parameters and optimizer state.
+
+    On one device that is the tensors themselves (`LocalParamAccess`). Under DeepSpeed ZeRO
+    the optimizer owns fp32 master partitions and ZeRO-3 partitions the module's parameters
+    too, so the harness passes an implementation that gathers and scatters (every rank calls
+    each method in the same order: reads and writes are collective).
+    """
+
+    def read(self, param: nn.Parameter) -> torch.Tensor:
+        """The full parameter value (float32 master copy where one exists)."""
+        ...
+
+    def write(self, updates: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        """Set each parameter (and any master copy) to its full new value."""
+        ...
+
+    def reset_optimizer_state(self) -> None:
+        """Every parameter's optimizer state back to fresh (AdamW: zero moments, step 0)."""
+        ...
+
+    def shape(self, param: nn.Parameter) -> torch.Size:
+        """The full shape (ZeRO-3 partitions a parameter, leaving an empty local tensor)."""
+        ...
+
+
+class LocalParamAccess:
+    """ParamAccess on one device: the parameters and the torch optimizer directly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def read(self, param: nn.Parameter) -> torch.Tensor:
+        return param.detach()
+
+    @torch.no_grad()
+    def write(self, updates: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        for param, value in updates:
+            param.copy_(value)
+
+    def reset_optimizer_state(self) -> None:
+        # Dropped state is re-created lazily at the next step, as for a fresh optimizer.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.state.pop(p, None)
+
+    def shape(self, param: nn.Parameter) -> torch.Size:
+        return param.shape
+
+
 class TrainCallback(Protocol):
-    """Called by the training loop after each optimizer step (1-based step)."""
+    """Called by the training loop after each optimizer step (1-based step).
+
+    `access` (None = `LocalParamAccess(optimizer)`) is how the callback must read and rewrite
+    parameters and optimizer state; a method whose callbacks do so only through it sets
+    `Method.callbacks_support_zero` and then also trains under DeepSpeed ZeRO.
+    """
 
     def on_step_end(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        access: ParamAccess | None = None,
     ) -> None: ...
 
 
@@ -71,6 +130,8 @@ class Method:
     description: ClassVar[str]
     hyperparams_cls: ClassVar[type[Hyperparams]] = Hyperparams
     needs_init_batches: ClassVar[bool] = False
+    # Callbacks touch parameters/optimizer state only through ParamAccess (ZeRO-capable).
+    callbacks_support_zero: ClassVar[bool] = False
 
     def hyperparams(self, overrides: Mapping[str, Any] | None = None) -> Hyperparams:
         """Defaults merged with overrides, validated (raises pydantic.ValidationError)."""

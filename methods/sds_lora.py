@@ -76,7 +76,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from methods.base import Method, PrepareContext, TrainCallback
+from methods.base import LocalParamAccess, Method, ParamAccess, PrepareContext, TrainCallback
 from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _set_module
 from methods.peft_lora import (
     LoraHyperparams,
@@ -253,47 +253,60 @@ def orthonormal_basis(
     return q @ (u @ vh)
 
 
-def _groups(layers: Iterable[SdsLoraLinear]) -> list[list[SdsLoraLinear]]:
+def _groups(layers: Iterable[SdsLoraLinear], access: ParamAccess) -> list[list[SdsLoraLinear]]:
     """Layers of one shape, scaling, dtype and device, so QR/SVD run batched per group."""
     groups: dict[tuple, list[SdsLoraLinear]] = defaultdict(list)
     for layer in layers:
         b = layer.lora_B
-        key = (tuple(b.shape), layer.lora_A.shape[1], layer.scaling, b.dtype, b.device)
-        groups[key].append(layer)
+        shape = (tuple(access.shape(b)), tuple(access.shape(layer.lora_A)))
+        groups[(shape, layer.scaling, b.dtype, b.device)].append(layer)
     return list(groups.values())
 
 
+def _local(access: ParamAccess | None) -> ParamAccess:
+    # Outside a training loop (tests, tools) there is no optimizer state to reset.
+    return access if access is not None else LocalParamAccess(torch.optim.SGD([torch.zeros(1)]))
+
+
 @torch.no_grad()
-def reparameterize(layers: Iterable[SdsLoraLinear]) -> int:
-    """Warm-up LoRA -> SDS form (Eq. 8), function unchanged; returns how many layers."""
+def reparameterize(layers: Iterable[SdsLoraLinear], access: ParamAccess | None = None) -> int:
+    """Warm-up LoRA -> SDS form (Eq. 8), function unchanged; returns how many layers.
+
+    Parameters are read and written through `access` (collective under ZeRO; the bases are
+    buffers, replicated, so every rank computes and stores the same ones)."""
+    access = _local(access)
     todo = [layer for layer in layers if not layer.reparameterized]
-    for group in _groups(todo):
+    for group in _groups(todo, access):
         b, a, q_b, q_a = sds_factors(
-            torch.stack([layer.lora_B for layer in group]),
-            torch.stack([layer.lora_A for layer in group]),
+            torch.stack([access.read(layer.lora_B) for layer in group]),
+            torch.stack([access.read(layer.lora_A) for layer in group]),
             group[0].scaling,
         )
+        updates = []
         for i, layer in enumerate(group):
-            layer.lora_B.copy_(b[i])
-            layer.lora_A.copy_(a[i])
+            updates += [(layer.lora_B, b[i]), (layer.lora_A, a[i])]
             layer.sds_QB.copy_(q_b[i])
             layer.sds_QA.copy_(q_a[i])
             layer.reparameterized = True
+        access.write(updates)
     return len(todo)
 
 
 @torch.no_grad()
-def refresh_bases(layers: Iterable[SdsLoraLinear], mode: str = "procrustes") -> int:
+def refresh_bases(
+    layers: Iterable[SdsLoraLinear], mode: str = "procrustes", access: ParamAccess | None = None
+) -> int:
     """Q_B <- basis of col(B), Q_A <- basis of row(A); B and A untouched. Returns count."""
+    access = _local(access)
     active = [layer for layer in layers if layer.reparameterized]
-    for group in _groups(active):
+    for group in _groups(active, access):
         q_b = orthonormal_basis(
-            torch.stack([layer.lora_B for layer in group]),
+            torch.stack([access.read(layer.lora_B) for layer in group]),
             torch.stack([layer.sds_QB for layer in group]),
             mode,
         )
         q_a = orthonormal_basis(
-            torch.stack([layer.lora_A.mT for layer in group]),
+            torch.stack([access.read(layer.lora_A).mT for layer in group]),
             torch.stack([layer.sds_QA for layer in group]),
             mode,
         )
@@ -305,9 +318,7 @@ def refresh_bases(layers: Iterable[SdsLoraLinear], mode: str = "procrustes") -> 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Drop every parameter's state (AdamW: moments and step); it is re-created lazily."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state.pop(p, None)
+    LocalParamAccess(optimizer).reset_optimizer_state()
 
 
 # ---------------------------------------------------------------- the schedule
@@ -377,14 +388,31 @@ class SdsSchedule:
             self._layers = (id(model), list(adapter_layers(model).values()))
         return self._layers[1]
 
-    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def on_step_end(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        access: ParamAccess | None = None,
+    ) -> None:
+        access = access if access is not None else LocalParamAccess(optimizer)
         if step == self.warmup_steps:
-            if reparameterize(self.layers(model)):
-                reset_optimizer_state(optimizer)
+            if reparameterize(self.layers(model), access):
+                access.reset_optimizer_state()
                 self.events.append((step, "reparameterize"))
         elif refresh_fires(step, self.total_steps, self.phases, self.warmup_steps, self.interval):
-            refresh_bases(self.layers(model), self.basis)
+            refresh_bases(self.layers(model), self.basis, access)
             self.events.append((step, "refresh"))
+
+    def preserves_function(self, step: int) -> bool:
+        """The reparameterisation (Eq. 8) keeps the function; a basis refresh does not."""
+        return step == self.warmup_steps
+
+    def on_restore(self, step: int, model: nn.Module) -> None:
+        """A run resumed from a checkpoint after `step`: the bases come back with the
+        buffers, the form (warm-up LoRA or SDS) is set from the schedule."""
+        for layer in self.layers(model):
+            layer.reparameterized = step >= self.warmup_steps
 
 
 # ---------------------------------------------------------------- save, load, merge
@@ -469,6 +497,7 @@ class SdsLora(Method):
         "LoRA warm-up, then phased basis refresh"
     )
     hyperparams_cls = SdsLoraHyperparams
+    callbacks_support_zero = True  # the schedule goes through ParamAccess
 
     def targets(self, hp: SdsLoraHyperparams, ctx: PrepareContext) -> list[str]:
         return list(hp.target_modules or ctx.default_target_modules)

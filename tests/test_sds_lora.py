@@ -247,6 +247,45 @@ def test_warmup_reparameterization_keeps_logits_and_resets_the_optimizer():
     assert steps == {1.0}  # AdamW restarted from scratch after the reparameterization
 
 
+def test_checked_callbacks_fail_a_reparameterization_that_moves_the_function():
+    from harness import sanity
+
+    _, model, method, hp, _ = prepare(warmup_steps=2)
+    optimizer = method.build_optimizer(model, 1e-2, hp)
+    probe = batch(50, n=3)
+    checked = sanity.CheckedCallbacks(method.callbacks(hp, 10), probe)
+    model.train()
+    for step in (1, 2):
+        train_step(model, batch(30 + step, n=4), optimizer, None, None)
+        for cb in checked:
+            cb.on_step_end(step, model, optimizer)
+    assert checked.summary().startswith("SdsSchedule step 2: function kept")
+
+    # A reparameterisation that drops the bases' contribution breaks its promise.
+    _, model, method, hp, _ = prepare(warmup_steps=2)
+    optimizer = method.build_optimizer(model, 1e-2, hp)
+    broken = sanity.CheckedCallbacks(method.callbacks(hp, 10), probe)
+    original = sds.reparameterize
+
+    def lossy(layers, access=None):
+        layers = list(layers)
+        count = original(layers, access)
+        for layer in layers:
+            layer.sds_QB.mul_(0.5)
+        return count
+
+    model.train()
+    train_step(model, batch(31, n=4), optimizer, None, None)
+    broken.on_step_end(1, model, optimizer)
+    train_step(model, batch(32, n=4), optimizer, None, None)
+    sds_reparameterize, sds.reparameterize = sds.reparameterize, lossy
+    try:
+        with pytest.raises(sanity.SanityError, match="promises to keep the model's function"):
+            broken.on_step_end(2, model, optimizer)
+    finally:
+        sds.reparameterize = sds_reparameterize
+
+
 # ---------------------------------------------------------------- refresh schedule
 
 
@@ -460,10 +499,14 @@ def test_a_trial_runs_end_to_end_with_warmup_and_refresh(mirror_dir, monkeypatch
     calls = []
     reparameterize, refresh = sds.reparameterize, sds.refresh_bases
     monkeypatch.setattr(
-        sds, "reparameterize", lambda layers: calls.append("r") or reparameterize(layers)
+        sds,
+        "reparameterize",
+        lambda layers, access: calls.append("r") or reparameterize(layers, access),
     )
     monkeypatch.setattr(
-        sds, "refresh_bases", lambda layers, mode: calls.append("q") or refresh(layers, mode)
+        sds,
+        "refresh_bases",
+        lambda layers, mode, access: calls.append("q") or refresh(layers, mode, access),
     )
     row = run_trial(spec)
     assert row["status"] == "ok", row.get("traceback")
@@ -471,5 +514,7 @@ def test_a_trial_runs_end_to_end_with_warmup_and_refresh(mirror_dir, monkeypatch
     assert calls == ["r", "q", "q", "q"]
     assert row["trainable_params"] == row["expected_trainable_params"]
     assert row["sanity_init"].startswith("identity") and row["sanity_merge"].startswith("merged ==")
+    # The trial checked on its probe batch that the step-2 reparameterisation kept the function.
+    assert row["sanity_callbacks"].startswith("SdsSchedule step 2: function kept")
     config = json.loads(row["method_config"])
     assert config["scaling"] == pytest.approx(2.0) and config["warmup_steps"] == 2
