@@ -34,10 +34,9 @@ is named after the trial's content key, so any restart - a retry, or rerunning t
 command - finds and restores the same run in storage.
 
 Reuse: `_run_rank` calls the pieces `harness.trial` uses (`load_data_and_model`, the method
-registry, `sanity`, `memory`, `base_row`, `count_params`, `_majority_baseline`)
-in `_run`'s order. The orchestration between them mirrors `trial._run` until trial.py
-exposes its steps as functions (data/pipeline, method preparation with an `init_batches`
-argument, evaluation, merge check); then both paths should call those.
+registry, `sanity` (incl. `CheckedCallbacks`), `memory`, `base_row`, `count_params`,
+`evaluate_into_row`) in `_run`'s order. The method preparation between them (context with
+rank-local init batches, probe, init check, count check) still mirrors `trial._run`.
 """
 
 from __future__ import annotations
@@ -346,8 +345,8 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     )
     from harness.train import SCHEDULES
     from harness.trial import (
-        _majority_baseline,
         count_params,
+        evaluate_into_row,
         load_data_and_model,
         seed_everything,
     )
@@ -466,24 +465,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     )
 
     # Evaluate on every rank (ZeRO-3 forwards are collective); rank 0's row is reported.
-    eval_started = time.perf_counter()
-    selection = pipeline.evaluate("selection")
-    test: dict[str, float] = {}
-    for name in splits.test:
-        metrics = pipeline.evaluate(f"test/{name}")
-        prefix = f"{name}/" if len(splits.test) > 1 else ""
-        test.update({prefix + k: v for k, v in metrics.items()})
-    row["eval_time_s"] = time.perf_counter() - eval_started
-    row.update(
-        selection_metric=task.selection_metric,
-        selection_score=selection[task.selection_metric],
-        selection_metrics=json.dumps(selection, sort_keys=True),
-        test_metric=task.headline_metric,
-        test_score=test[task.headline_metric],
-        test_metrics=json.dumps(test, sort_keys=True),
-        test_items=json.dumps({k: v for k, v in pipeline.items.items() if k != "selection"}),
-        majority_baseline=_majority_baseline(task, splits),
-    )
+    evaluate_into_row(task, splits, pipeline, row)
 
     adapter = None
     if dist.save_adapter:  # gathers the trainable parameters only (all of them for full FT)

@@ -218,6 +218,22 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     )
 
     # Evaluate: select on the selection split, report the test split(s).
+    evaluate_into_row(task, splits, pipeline, row)
+
+    # Last, since merging may change the model in place: merged == unmerged outputs.
+    unmerged_outputs = sanity.outputs(model, probe)
+    merged = method.merge(model)
+    row["sanity_merge"] = (
+        "not mergeable"
+        if merged is None
+        else sanity.check_merge(unmerged_outputs, sanity.outputs(merged, probe))
+    )
+
+
+def evaluate_into_row(task, splits, pipeline, row: dict[str, Any]) -> None:
+    """Selection metrics on the selection split, test metrics on every test split (plus the
+    task's suite-level summary), per-item outcomes and the majority baseline, into `row`.
+    Shared by single-device and distributed trials (where every rank runs it)."""
     eval_started = time.perf_counter()
     selection = pipeline.evaluate("selection")
     test: dict[str, float] = {}
@@ -236,15 +252,6 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         test_metrics=json.dumps(test, sort_keys=True),
         test_items=json.dumps({k: v for k, v in pipeline.items.items() if k != "selection"}),
         majority_baseline=_majority_baseline(task, splits),
-    )
-
-    # Last, since merging may change the model in place: merged == unmerged outputs.
-    unmerged_outputs = sanity.outputs(model, probe)
-    merged = method.merge(model)
-    row["sanity_merge"] = (
-        "not mergeable"
-        if merged is None
-        else sanity.check_merge(unmerged_outputs, sanity.outputs(merged, probe))
     )
 
 

@@ -91,3 +91,29 @@ def test_a_merge_that_changes_the_function_fails_the_run(mirror_dir, monkeypatch
     monkeypatch.setattr(lora, "merge", broken_merge)
     row = run_trial(spec(mirror_dir, method="lora"))
     assert row["status"] == "failed" and "merged weights compute different outputs" in row["error"]
+
+
+def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch):
+    """Single-device and distributed trials share evaluate_into_row: the headline metric
+    may be a suite-level summary (commonsense `average`) computed across test splits."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import harness.distributed as distributed
+    from harness.trial import evaluate_into_row
+
+    scores = {"selection": {"accuracy": 0.5}, "test/a": {"accuracy": 0.2},
+              "test/b": {"accuracy": 0.6}}  # fmt: skip
+    pipeline = SimpleNamespace(evaluate=lambda name: scores[name], items={"test/a": {}})
+    task = SimpleNamespace(
+        selection_metric="accuracy", headline_metric="average", head="classification",
+        summarize=lambda t: {**t, "average": (t["a/accuracy"] + t["b/accuracy"]) / 2},
+    )  # fmt: skip
+    splits = SimpleNamespace(test={"a": None, "b": None}, train=pd.DataFrame({"label": [1, 1, 0]}))
+    row: dict = {}
+    monkeypatch.setattr("harness.trial._majority_baseline", lambda task, splits: 0.5)
+    evaluate_into_row(task, splits, pipeline, row)
+    assert row["test_score"] == pytest.approx(0.4) and row["test_metric"] == "average"
+    # The distributed path calls the same function (it once lacked the summary).
+    assert "evaluate_into_row" in distributed._run_rank.__code__.co_varnames
