@@ -25,7 +25,8 @@ pipeline, method, sanity checks, evaluators, result row), distributed:
   over micro-batches and ranks before the divergence check, so every rank agrees;
 - after partitioning, base weights are read only under `deepspeed.zero.GatheredParameters`
   (the merge check), and the adapter is saved by gathering only the trainable parameters;
-- evaluation: every rank evaluates (ZeRO-3 forwards are collective), rank 0 reports.
+- evaluation: sharded over the ranks (harness.sharding; equal numbers of model calls under
+  ZeRO-3, whose forwards are collective), gathered in order; rank 0 reports.
 
 Failures: `FailureConfig(max_failures)` at the Train level restarts the worker group (from
 the latest DeepSpeed checkpoint when `checkpoint_every_steps` is set), and
@@ -343,6 +344,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         resolve_load_dtype,
         resolve_precision,
     )
+    from harness.sharding import Shard
     from harness.train import SCHEDULES
     from harness.trial import (
         count_params,
@@ -430,6 +432,9 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         lr_scheduler=lambda opt: schedule(opt, total_steps, budget.warmup_ratio),
     )
     pipeline.loaded.model = engine.module  # evaluators run the partitioned model
+    # Each rank evaluates its share of the items; ZeRO-3 forwards are collective, so there
+    # every rank also makes the same number of model calls (harness.sharding).
+    pipeline.shard = Shard(rank, world, synced=dist.zero_stage == 3)
 
     restored = _restore(engine)
     restored_step = restored["step"] if restored else None
@@ -464,7 +469,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         eval_curve=json.dumps(result["eval_curve"]),
     )
 
-    # Evaluate on every rank (ZeRO-3 forwards are collective); rank 0's row is reported.
+    # Every rank evaluates its shard; results are gathered, so rank 0's row has them all.
     evaluate_into_row(task, splits, pipeline, row)
 
     adapter = None
@@ -487,6 +492,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
             "init_digests": digests,
             "init_identical": len(set(digests)) == 1,
             "load_dtype": load_dtype,
+            "eval_sharded_over": world,
             "buffer_digests": buffer_digests,
             "callback_events": [list(e) for e in callbacks.events],
             "adapter_digest": _state_digest(adapter) if adapter else None,

@@ -16,12 +16,14 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     device: torch.device | str = "cpu",
+    synced_gpus: bool = False,
 ) -> list[str]:
     """The decoded continuation of each prompt (token ids), in input order.
 
     Prompts are batched by length (less padding) and left-padded, so every row's new tokens
     start at the same position; decoding stops at EOS or after `max_new_tokens`. Greedy
-    decoding makes the result a function of the weights alone.
+    decoding makes the result a function of the weights alone. `synced_gpus` (ZeRO-3 with
+    sharded prompts): keep stepping until every rank has finished (collective forwards).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to stop generation at")
@@ -52,7 +54,10 @@ def greedy_generate(
                 ids[row, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
                 mask[row, width - n :] = 1
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                synced_gpus=synced_gpus,
             )
             for row, i in enumerate(chunk):
                 texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from harness.generate import greedy_generate
 from harness.models import LoadedModel, ModelSource, load_causal_lm, load_sequence_model
+from harness.sharding import Shard
 from harness.train import predict
 from tasks.base import DataSplits, Task
 from tasks.generative import IGNORE_INDEX, GenerativeTask
@@ -52,6 +53,8 @@ class Pipeline:
     # Per-item outcomes of the last evaluation of each split (for paired statistics):
     # {"pred": [...], "label": [...]} or, for generative tasks, {"correct": [...]}.
     items: dict[str, dict[str, list]] = field(default_factory=dict)
+    # Distributed trials: each rank evaluates its share of the items (harness.sharding).
+    shard: Shard | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,8 +123,15 @@ def _sequence_pipeline(
         labels = np.array([r["labels"] for r in rows])
         loader = make_loader(rows, collate, eval_batch_size, shuffle=False)
 
+        def logits_of(part: list) -> np.ndarray:
+            return predict(loaded.model, make_loader(part, collate, eval_batch_size, False), device)
+
         def run() -> dict[str, float]:
-            predictions = task.predictions(predict(loaded.model, loader, device))
+            if pipeline.shard is None:
+                logits = predict(loaded.model, loader, device)
+            else:
+                logits = np.stack(pipeline.shard.map(rows, logits_of, eval_batch_size))
+            predictions = task.predictions(logits)
             # Per item, in a fixed order, for paired comparisons between methods.
             pipeline.items[name] = item_record(predictions, labels, task.head == "regression")
             return task.metrics(predictions, labels)
@@ -176,15 +186,23 @@ def _causal_lm_pipeline(
     def evaluator(name: str, df: pd.DataFrame):
         prompts = task.encode_prompts(tokenizer, df, max_length)
 
-        def run() -> dict[str, float]:
-            texts = greedy_generate(
+        def generate(part: list, synced: bool = False) -> list[str]:
+            return greedy_generate(
                 loaded.model,
                 tokenizer,
-                prompts,
+                part,
                 max_new_tokens=max_new_tokens or task.max_new_tokens,
                 batch_size=eval_batch_size,
                 device=device,
+                synced_gpus=synced,
             )
+
+        def run() -> dict[str, float]:
+            shard = pipeline.shard
+            if shard is None:
+                texts = generate(prompts)
+            else:
+                texts = shard.map(prompts, lambda p: generate(p, shard.synced), eval_batch_size)
             metrics, correct = task.score(texts, df)
             pipeline.items[name] = {"correct": correct}
             return metrics

@@ -418,6 +418,9 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
         assert row["steps"] == 10 and row["trainable_params"] == row["expected_trainable_params"]
         assert row["sanity_merge"].startswith("merged == unmerged")  # gathered under ZeRO-3
         assert row["peak_memory_kind"].endswith("(max over 2 ranks)")
+        # Evaluation was sharded over the 2 ranks and gathered: every test item is there.
+        assert dist["eval_sharded_over"] == 2
+        assert len(json.loads(row["test_items"])["test/validation"]["pred"]) == 16
     assert runs.loc["lora", "sanity_init"].startswith("identity")
     assert runs.loc["lora_ga", "sanity_init"].startswith("identity")  # W0 offset applied
     assert runs.loc["lora_ga", "init_time_s"] > 0
