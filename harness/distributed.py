@@ -34,10 +34,10 @@ the latest DeepSpeed checkpoint when `checkpoint_every_steps` is set), and
 is named after the trial's content key, so any restart - a retry, or rerunning the sweep
 command - finds and restores the same run in storage.
 
-Reuse: `_run_rank` calls the pieces `harness.trial` uses (`load_data_and_model`, the method
-registry, `sanity` (incl. `CheckedCallbacks`), `memory`, `base_row`, `count_params`,
-`evaluate_into_row`) in `_run`'s order. The method preparation between them (context with
-rank-local init batches, probe, init check, count check) still mirrors `trial._run`.
+Reuse: `_run_rank` runs a trial with the same functions as `harness.trial._run`
+(`load_data_and_model`, `prepare_method` with this rank's init batches, `sanity`
+incl. `CheckedCallbacks`, `memory`, `base_row`, `evaluate_into_row`); what differs is
+DeepSpeed: the engine, its training loop, ZeroParamAccess, checkpoints and sharded eval.
 """
 
 from __future__ import annotations
@@ -336,7 +336,6 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     import ray.train.torch
     import torch.distributed as tdist
 
-    import methods
     from harness import memory, provenance, sanity
     from harness.deepspeed_config import (
         batch_plan,
@@ -347,12 +346,11 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     from harness.sharding import Shard
     from harness.train import SCHEDULES
     from harness.trial import (
-        count_params,
         evaluate_into_row,
         load_data_and_model,
+        prepare_method,
         seed_everything,
     )
-    from methods.targets import default_target_modules
 
     dist = spec.distributed
     assert dist is not None
@@ -379,36 +377,15 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     shares = RankShares(pipeline, plan, rank, device)
 
     # Method: prepared on the full (not yet partitioned) model on every rank.
-    method = methods.get_method(spec.method)
-    hp = method.hyperparams(spec.method_overrides)
-    ctx = methods.PrepareContext(
-        head_modules=pipeline.loaded.head_modules,
-        default_target_modules=default_target_modules(pipeline.loaded.model_type),
-        init_batches=shares.init_batches(spec.seed + 1) if method.needs_init_batches else None,
-        learning_rate=spec.lr,
-        train_examples=len(pipeline.train_rows),
-        batch_size=budget.batch_size,
+    method, hp, model, probe = prepare_method(
+        spec,
+        pipeline,
+        row,
+        device,
+        shares.init_batches(spec.seed + 1),
+        dtype=torch_dtype,
         offload_statistics=dist.offloads_init_statistics,
     )
-    expected_trainable = method.expected_trainable_params(model, hp, ctx)
-    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
-    probe = next(pipeline.batches(2, seed=0, device=device))
-    base_outputs = sanity.outputs(model, probe)
-    memory.reset_peak(device)
-    init_started = time.perf_counter()
-    model = method.prepare(model, hp, ctx)
-    row["init_time_s"] = time.perf_counter() - init_started
-    row["sanity_init"] = sanity.check_init(
-        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp), torch_dtype
-    )
-    trainable, total = count_params(model)
-    row.update(trainable_params=trainable, total_params=total)
-    row["expected_trainable_params"] = expected_trainable
-    if trainable != expected_trainable:
-        raise sanity.SanityError(
-            f"sanity check: {trainable} trainable parameters, the method's formula says "
-            f"{expected_trainable}"
-        )
     digests = _all_gather_object(adapter_digest(model), world)
     if len(set(digests)) != 1:
         raise sanity.SanityError(

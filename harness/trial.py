@@ -147,44 +147,15 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     budget = spec.budget
     model = pipeline.model
 
-    # Method: parameterisation + (data-informed) init, timed and memory-measured.
-    method = methods.get_method(spec.method)
-    hp = method.hyperparams(spec.method_overrides)
-
+    # Method: parameterisation + (data-informed) init, timed, memory-measured and checked.
     def init_batches(n: int):
         for i, batch in enumerate(pipeline.batches(budget.batch_size, spec.seed + 1, device)):
             if i >= n:
                 return
             yield batch
 
-    ctx = methods.PrepareContext(
-        head_modules=pipeline.loaded.head_modules,
-        default_target_modules=default_target_modules(pipeline.loaded.model_type),
-        init_batches=init_batches if method.needs_init_batches else None,
-        learning_rate=spec.lr,
-        train_examples=len(pipeline.train_rows),
-        batch_size=budget.batch_size,
-    )
-    expected_trainable = method.expected_trainable_params(model, hp, ctx)
-    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
-    probe = next(pipeline.batches(2, seed=0, device=device))  # fixed inputs for the checks
-    base_outputs = sanity.outputs(model, probe)
-    memory.reset_peak(device)
-    init_started = time.perf_counter()
-    model = method.prepare(model, hp, ctx)
+    method, hp, model, probe = prepare_method(spec, pipeline, row, device, init_batches)
     pipeline.loaded.model = model  # evaluators run the prepared model
-    row["init_time_s"] = time.perf_counter() - init_started
-    row["sanity_init"] = sanity.check_init(
-        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp)
-    )
-    trainable, total = count_params(model)
-    row.update(trainable_params=trainable, total_params=total)
-    row["expected_trainable_params"] = expected_trainable
-    if trainable != expected_trainable:
-        raise AssertionError(
-            f"sanity check: {trainable} trainable parameters, the method's formula says "
-            f"{expected_trainable}"
-        )
 
     # Train.
     optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
@@ -228,6 +199,54 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         if merged is None
         else sanity.check_merge(unmerged_outputs, sanity.outputs(merged, probe))
     )
+
+
+def prepare_method(
+    spec: TrialSpec,
+    pipeline,
+    row: dict[str, Any],
+    device,
+    init_batches,
+    *,
+    dtype: torch.dtype = torch.float32,
+    offload_statistics: bool = False,
+):
+    """The method's parameterisation and (data-informed) init on the pipeline's model:
+    timed, peak memory reset before it, and checked on a fixed probe batch (init promise,
+    trainable-parameter formula). Returns (method, hp, prepared model, probe). Shared by
+    single-device and distributed trials (where `init_batches` yields this rank's share)."""
+    method = methods.get_method(spec.method)
+    hp = method.hyperparams(spec.method_overrides)
+    model = pipeline.model
+    ctx = methods.PrepareContext(
+        head_modules=pipeline.loaded.head_modules,
+        default_target_modules=default_target_modules(pipeline.loaded.model_type),
+        init_batches=init_batches if method.needs_init_batches else None,
+        learning_rate=spec.lr,
+        train_examples=len(pipeline.train_rows),
+        batch_size=spec.budget.batch_size,
+        offload_statistics=offload_statistics,
+    )
+    expected_trainable = method.expected_trainable_params(model, hp, ctx)
+    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
+    probe = next(pipeline.batches(2, seed=0, device=device))  # fixed inputs for the checks
+    base_outputs = sanity.outputs(model, probe)
+    memory.reset_peak(device)
+    init_started = time.perf_counter()
+    model = method.prepare(model, hp, ctx)
+    row["init_time_s"] = time.perf_counter() - init_started
+    row["sanity_init"] = sanity.check_init(
+        base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp), dtype
+    )
+    trainable, total = count_params(model)
+    row.update(trainable_params=trainable, total_params=total)
+    row["expected_trainable_params"] = expected_trainable
+    if trainable != expected_trainable:
+        raise sanity.SanityError(
+            f"sanity check: {trainable} trainable parameters, the method's formula says "
+            f"{expected_trainable}"
+        )
+    return method, hp, model, probe
 
 
 def evaluate_into_row(task, splits, pipeline, row: dict[str, Any]) -> None:
