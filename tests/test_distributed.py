@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from harness import identity
 from harness.config import ConfigError, DistributedConfig, expand, load_config, validate_config
 from harness.deepspeed_config import BatchError, BatchPlan, batch_plan, render
 from harness.distributed import check_storage, derived_max_concurrent, is_shared_storage
@@ -137,16 +138,17 @@ def test_valid_distributed_and_smoke_configs():
         validate_config(_cfg(distributed={"gpus_per_trial": 1}))  # no GPU reserved
 
 
-def test_legacy_keys_of_existing_results_are_unchanged(monkeypatch):
-    """Specs without the new sections keep their version-1 keys, by which runs recorded
-    before key version 2 are recognised (and then re-keyed: tests/test_identity.py)."""
-    runs = pd.read_parquet(REPO / "results" / "glue-minilm-main" / "runs.parquet")
-    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
-    cfg = load_config(REPO / "harness" / "configs" / "glue_minilm_main.yaml")
-    recorded = (
-        set(runs["legacy_key"].fillna(runs["key"])) if "legacy_key" in runs else set(runs["key"])
+def test_committed_results_keep_their_keys(mirror_dir):
+    """The long sweep's runs were recorded under key version 1 and re-keyed to version 2:
+    the config still expands to exactly those keys in both versions (resumption and
+    extension of committed results stay valid)."""
+    runs = pd.read_parquet(REPO / "results" / "glue-minilm-long" / "runs.parquet")
+    cfg = load_config(
+        REPO / "harness" / "configs" / "glue_minilm_long.yaml", {"data_dir": mirror_dir}
     )
-    assert {s.legacy_key() for s in expand(cfg)} == recorded
+    specs = expand(cfg)
+    assert {s.legacy_key() for s in specs} == set(runs["legacy_key"])
+    assert {s.key() for s in identity.resolve(specs)} == set(runs["key"])
 
 
 def test_distributed_settings_that_change_numbers_enter_the_key_and_others_do_not():
