@@ -144,10 +144,12 @@ def _same_setting(row: pd.Series, spec: TrialSpec) -> str | None:
         for name, value in (spec.method_config or {}).items():
             # None = resolved at prepare time from the model (e.g. target modules), which
             # the key's model id/revision already pins.
-            if value is not None and config.get(name, value) != value:
-                return f"method config {name}={config.get(name)!r} != {value!r}"
-            if value is not None and name not in config:
+            if value is None:
+                continue
+            if name not in config:
                 return f"method config lacks {name}"
+            if config[name] != value:
+                return f"method config {name}={config[name]!r} != {value!r}"
     return None
 
 

@@ -145,7 +145,6 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     task, splits, pipeline = load_data_and_model(spec, row, device)
     budget = spec.budget
-    model = pipeline.model
 
     # Method: parameterisation + (data-informed) init, timed, memory-measured and checked.
     def init_batches(n: int):

@@ -105,10 +105,16 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """W0 <- W0 + s B R A for every adapted layer; the wrappers are replaced by their base."""
-    for name, layer in adapter_layers(model).items():
+def merge_wrapped(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """W0 <- W0 + delta_weight() for each named wrapper (a `base_layer` plus its update),
+    which is then replaced by its base layer. Shared by the plug-in adapters."""
+    for name, layer in layers.items():
         base = layer.base_layer
         base.weight += layer.delta_weight().to(base.weight.dtype)
         _set_module(model, name, base)
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """W0 <- W0 + s B R A for every adapted layer; the wrappers are replaced by their base."""
+    return merge_wrapped(model, adapter_layers(model))

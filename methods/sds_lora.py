@@ -77,7 +77,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from methods.base import LocalParamAccess, Method, ParamAccess, PrepareContext, TrainCallback
-from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _set_module
+from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _set_module, merge_wrapped
 from methods.peft_lora import (
     LoraHyperparams,
     check_rank_fits,
@@ -477,14 +477,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """W0 <- W0 + dW for every adapted layer; the wrappers are replaced by their base."""
-    for name, layer in adapter_layers(model).items():
-        base = layer.base_layer
-        base.weight += layer.delta_weight().to(base.weight.dtype)
-        _set_module(model, name, base)
-    return model
+    return merge_wrapped(model, adapter_layers(model))
 
 
 # ---------------------------------------------------------------- the method
