@@ -465,8 +465,10 @@ def _zero_unsupported(method: Any, hp: Any) -> str | None:
     """Why a method cannot train under ZeRO (None if it can).
 
     ZeRO flattens the trainable parameters into per-rank fp32 partitions that the engine
-    owns, so an optimizer that needs whole matrices (the Riemannian preconditioners) or a
-    callback that rewrites parameters and optimizer state mid-run cannot see them.
+    owns, so a callback that rewrites parameters and optimizer state mid-run cannot see them
+    unless it goes through ParamAccess. (Gradient transforms that need whole matrices -
+    LoRA-One's preconditioners - are pure functions the harness applies to assembled full
+    gradients, so they are supported.)
     """
     from methods.base import Method
 
@@ -474,11 +476,6 @@ def _zero_unsupported(method: Any, hp: Any) -> str | None:
         return (
             f"{method.name}'s training callbacks rewrite parameters/optimizer state directly, "
             "which ZeRO partitions (they must go through methods.base.ParamAccess)"
-        )
-    if getattr(hp, "optimizer", "adamw") not in ("adamw", None):
-        return (
-            f"optimizer {hp.optimizer!r} preconditions whole r x r blocks; ZeRO hands the "
-            "optimizer flat partitions (use optimizer: adamw)"
         )
     return None
 

@@ -22,7 +22,11 @@ pipeline, method, sanity checks, evaluators, result row), distributed:
   rank, and differing digests fail the trial);
 - training: `deepspeed.initialize` with the rendered ZeRO-2/3 config around the prepared
   model and the method's own optimizer (LoRA+ param groups kept); the losses are averaged
-  over micro-batches and ranks before the divergence check, so every rank agrees;
+  over micro-batches and ranks before the divergence check, so every rank agrees; a
+  method's gradient transform (LoRA-One's preconditioners) runs at the accumulation
+  boundary on the assembled full gradients, after the harness clips them (`ClipAndTransform`:
+  the single-device order; DeepSpeed's own clipping is then off, as it clips inside
+  `step()`, after any transform);
 - after partitioning, base weights are read only under `deepspeed.zero.GatheredParameters`
   (the merge check), and the adapter is saved by gathering only the trainable parameters;
 - evaluation: sharded over the ranks (harness.sharding; equal numbers of model calls under
@@ -398,8 +402,15 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         budget.epochs * len(pipeline.train_rows) / budget.batch_size
     )
     schedule = SCHEDULES[budget.schedule or "linear"]
+    grad_transform = method.gradient_transform(hp)
+    # With a gradient transform the harness clips, before it (as train_step does on one
+    # device); DeepSpeed would clip inside step(), after it.
+    deepspeed_clips = grad_transform is None
     ds_config = render(
-        dist, global_batch=budget.batch_size, max_grad_norm=budget.max_grad_norm, on_gpu=on_gpu
+        dist,
+        global_batch=budget.batch_size,
+        max_grad_norm=budget.max_grad_norm if deepspeed_clips else None,
+        on_gpu=on_gpu,
     )
     optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
@@ -421,7 +432,12 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     if restored_step:  # e.g. SDS-LoRA: which form the restored adapter is in
         callbacks.on_restore(restored_step, engine.module)
     access = ZeroParamAccess(engine, dist.zero_stage)
-    result = _train(engine, shares, spec, state, total_steps, pipeline, task, callbacks, access)
+    on_boundary = None
+    if grad_transform is not None:
+        on_boundary = ClipAndTransform(engine.module, access, grad_transform, budget.max_grad_norm)
+    result = _train(
+        engine, shares, spec, state, total_steps, pipeline, task, callbacks, access, on_boundary
+    )
     row["sanity_callbacks"] = callbacks.summary()
     # Callbacks may rewrite replicated buffers (SDS-LoRA's bases): every rank must agree.
     buffer_digests = _all_gather_object(_state_digest(dict(engine.module.named_buffers())), world)
@@ -465,6 +481,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
             "offload_optimizer": dist.offload_optimizer,
             "offload_params": dist.offload_params,
             "gradient_checkpointing": dist.gradient_checkpointing,
+            "grad_clipping": "deepspeed" if deepspeed_clips else "harness, before the transform",
             "schedule": budget.schedule or "linear",
             "init_digests": digests,
             "init_identical": len(set(digests)) == 1,
@@ -484,10 +501,20 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
 
 
 def _train(
-    engine, shares, spec, state, total_steps, pipeline, task, callbacks=(), access=None
+    engine,
+    shares,
+    spec,
+    state,
+    total_steps,
+    pipeline,
+    task,
+    callbacks=(),
+    access=None,
+    on_boundary=None,
 ) -> dict[str, Any]:
-    """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates and clips. The
-    method's callbacks run after each optimizer step, through `access` (ZeroParamAccess)."""
+    """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates (and clips, unless
+    `on_boundary` does). The method's callbacks run after each optimizer step, through
+    `access` (ZeroParamAccess)."""
     import torch.distributed as tdist
 
     from harness.train import check_divergence
@@ -507,9 +534,7 @@ def _train(
         # [mean micro-batch loss, tokens] summed over ranks in one all-reduce.
         totals = torch.zeros(2, device=engine.device, dtype=torch.float32)
         for batch in micro:
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
+            loss = micro_step(engine, batch, on_boundary)
             totals[0] += loss.detach().float() / len(micro)
             if "attention_mask" in batch:
                 totals[1] += batch["attention_mask"].sum()
@@ -538,6 +563,43 @@ def _train(
             "train_time": train_time, "tokens": tokens}  # fmt: skip
 
 
+def micro_step(engine, batch: dict[str, torch.Tensor], on_boundary=None) -> torch.Tensor:
+    """One micro-batch through the engine; `on_boundary()` runs once the step's gradients
+    are complete (reduced over ranks and micro-batches), before the optimizer step."""
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    if on_boundary is not None and engine.is_gradient_accumulation_boundary():
+        on_boundary()
+    engine.step()
+    return loss
+
+
+class ClipAndTransform:
+    """Clip the full gradients by their global norm (torch's `clip_grad_norm_` formula),
+    then apply the method's gradient transform: harness.train.train_step's order, at ZeRO's
+    accumulation boundary. Reads and writes go through ZeroParamAccess (collective), so the
+    transform sees whole matrices although the optimizer holds flat partitions."""
+
+    def __init__(self, module, access, transform, max_grad_norm: float | None) -> None:
+        self.named = trainable_parameters(module)
+        self.access = access
+        self.transform = transform
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        grads = {name: self.access.read_grad(p) for name, p in self.named}
+        if self.max_grad_norm is not None:
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+            total = torch.linalg.vector_norm(norms)
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            grads = {name: g * coef for name, g in grads.items()}
+        params = {name: self.access.read(p) for name, p in self.named}
+        grads.update(self.transform(params, grads))
+        for name, p in self.named:
+            self.access.write_grad(p, grads[name])
+
+
 class ZeroParamAccess:
     """methods.base.ParamAccess under DeepSpeed ZeRO-2/3 (every rank calls it alike).
 
@@ -564,10 +626,13 @@ class ZeroParamAccess:
     @torch.no_grad()
     def write(self, updates: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
         for param, value in updates:
-            safe_set_full_fp32_param(param, value.to(torch.float32))
+            if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's slice (see _zero3_slice)
+                safe_set_local_fp32_param(param, _zero3_slice(param, value))
+            else:
+                safe_set_full_fp32_param(param, value.to(torch.float32))
             # Read back: a master copy the optimizer does not see would be lost at its next
             # step (and the rewrite silently undone).
             stored = self.read(param)
@@ -585,6 +650,24 @@ class ZeroParamAccess:
             for param, value in updates:
                 param.data.copy_(value.reshape(param.shape).to(param.dtype))
 
+    def read_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The full gradient of this step (between the boundary backward and step())."""
+        from deepspeed.utils import safe_get_full_grad
+
+        value = safe_get_full_grad(param)
+        if value is None:
+            raise ValueError("parameter has no gradient in the ZeRO optimizer (frozen?)")
+        return value.reshape(self.shape(param))
+
+    def write_grad(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Set the full gradient; each rank keeps its partition for the optimizer step."""
+        from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+        if hasattr(param, "ds_tensor"):
+            safe_set_local_grad(param, _zero3_slice(param, value))
+        else:
+            safe_set_full_grad(param, value)
+
     def reset_optimizer_state(self) -> None:
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         for state in inner.state.values():
@@ -599,6 +682,21 @@ class ZeroParamAccess:
 
     def shape(self, param: torch.nn.Parameter) -> torch.Size:
         return getattr(param, "ds_shape", param.shape)
+
+
+def _zero3_slice(param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full fp32 value, zero-padded at the end.
+
+    DeepSpeed's own full setters (`safe_set_full_fp32_param` / `_grad`) slice without the
+    padding, so they fail for a parameter whose size does not divide by the world size (a
+    1-element bias on 2 ranks); setting the local partition ourselves avoids that."""
+    import torch.distributed as tdist
+
+    size = param.ds_tensor.numel()
+    rank = tdist.get_rank(group=getattr(param, "ds_process_group", None))
+    flat = value.detach().flatten().to(torch.float32)
+    part = flat[rank * size : (rank + 1) * size]
+    return torch.cat([part, part.new_zeros(size - part.numel())])
 
 
 # ---------------------------------------------------------------- checkpoints and adapters
@@ -784,6 +882,9 @@ def _all_reduce_max(value: float, device) -> float:
 def _no_shm_comm(deepspeed) -> None:
     """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op on first use (minutes of
     g++ per fresh machine); gloo alone is enough for the CPU path (tests, CI)."""
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
+    # importlib, not `import deepspeed.comm.torch as m`: the package's `torch` attribute is
+    # the torch module itself, which that statement would return (and patch).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None

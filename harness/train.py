@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from methods.base import GradientTransform
+
 
 class Diverged(RuntimeError):
     """The loss became NaN/inf or exploded; the run is recorded as diverged, never averaged in."""
@@ -40,19 +42,36 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     max_grad_norm: float | None,
+    grad_transform: GradientTransform | None = None,
 ) -> float:
-    """One optimizer step; returns the loss. The benchmark times exactly this function."""
+    """One optimizer step; returns the loss. The benchmark times exactly this function.
+
+    Order: backward, clip, the method's gradient transform (LoRA-One's preconditioners),
+    optimizer step - the order harness.distributed reproduces under ZeRO."""
     loss = model(**batch).loss
     loss.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
         )
+    if grad_transform is not None:
+        apply_gradient_transform(model, grad_transform)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+@torch.no_grad()
+def apply_gradient_transform(model: nn.Module, grad_transform: GradientTransform) -> None:
+    """Run the transform on the trainable parameters' gradients; write back what it returns."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    rewritten = grad_transform(
+        {n: p.detach() for n, p in named.items()}, {n: p.grad for n, p in named.items()}
+    )
+    for name, grad in rewritten.items():
+        named[name].grad.copy_(grad)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -114,6 +133,7 @@ def train(
     max_grad_norm: float | None,
     schedule: str = "linear",
     callbacks: list = (),
+    grad_transform: GradientTransform | None = None,
     evaluate_every: int | None = None,
     evaluate: Callable[[], float] | None = None,
     on_progress: Callable[[int, float], None] | None = None,
@@ -130,7 +150,7 @@ def train(
     for step in range(1, total_steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         started = time.perf_counter()
-        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm)
+        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm, grad_transform)
         for cb in callbacks:
             cb.on_step_end(step, model, optimizer)
         train_time += time.perf_counter() - started

@@ -171,6 +171,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         max_grad_norm=budget.max_grad_norm,
         schedule=budget.schedule or "linear",
         callbacks=checked,
+        grad_transform=method.gradient_transform(hp),
         evaluate_every=spec.eval.every_steps,
         evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
         device=device,

@@ -118,12 +118,23 @@ class TrainCallback(Protocol):
     ) -> None: ...
 
 
+# A rewrite of one optimizer step's gradients, applied after clipping and before the
+# optimizer step: (full trainable parameters by name, their full gradients by name) -> the
+# gradients it replaces, by name. Pure on full tensors, so the harness can apply it on one
+# device and under ZeRO, whose optimizer only ever sees flat partitions (harness.distributed
+# assembles the full tensors, then scatters the result back).
+GradientTransform = Callable[
+    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]
+]
+
+
 class Method:
     """A fine-tuning method: parameterisation, initialisation, optimizer param groups.
 
     Subclasses set `name`, `description`, `hyperparams_cls` and implement `prepare` and
     `expected_trainable_params`; they override `build_optimizer` when their param groups are
-    not one AdamW group (LoRA+), and `callbacks` for training-time hooks.
+    not one AdamW group (LoRA+), `gradient_transform` to precondition gradients (LoRA-One),
+    and `callbacks` for training-time hooks.
     """
 
     name: ClassVar[str]
@@ -150,6 +161,11 @@ class Method:
     ) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def gradient_transform(self, hp: Hyperparams) -> GradientTransform | None:
+        """A rewrite of each step's (clipped) gradients before the optimizer sees them
+        (LoRA-One's r x r preconditioners); None for plain gradients."""
+        return None
 
     def callbacks(self, hp: Hyperparams, total_steps: int) -> list[TrainCallback]:
         """Training-time hooks; `total_steps` is the run's number of optimizer steps (for

@@ -10,9 +10,11 @@ B0 and A0 are balanced (B0^T B0 = A0 A0^T).
 
 Optimizer: the official training uses AdamW (our default, `optimizer: adamw`). The paper's
 algorithm preconditions B's gradient by (A A^T + lambda I)^-1 and A's by
-(B^T B + lambda I)^-1; `precond_sgd` (the paper's algorithm) and `precond_adamw` reuse peft's
-Riemannian optimizer, which applies exactly these r x r damped preconditioners before the
-base optimizer's step (damping = `precond_damping`).
+(B^T B + lambda I)^-1; `precond_sgd` (the paper's algorithm) and `precond_adamw` apply these
+r x r damped preconditioners (damping = `precond_damping`) to the clipped gradients before
+an SGD / AdamW step - what peft's Riemannian optimizer does inside its `step()` (tested
+equal to it), but as a gradient transform on full tensors, so the same code also runs under
+ZeRO, whose optimizer only sees flat partitions of A and B.
 The result is a plain peft LoRA adapter: it saves, loads and merges as one.
 """
 
@@ -22,9 +24,9 @@ from typing import Literal
 
 import torch
 from peft import get_peft_model
-from peft.optimizers import create_riemannian_optimizer
 from pydantic import Field
 
+from methods.base import GradientTransform
 from methods.grad_estimator import layer_gradients
 from methods.lora_sb import truncated_svd
 from methods.peft_lora import (
@@ -91,9 +93,43 @@ class LoraOne(PeftLoraMethod):
         return hp.weight_shift  # by default training starts one spectral step away
 
     def build_optimizer(self, model, lr, hp: LoraOneHyperparams, weight_decay=0.0):
-        if hp.optimizer == "adamw":
+        if hp.optimizer != "precond_sgd":  # precond_adamw: AdamW after the preconditioner
             return super().build_optimizer(model, lr, hp, weight_decay)
-        base = torch.optim.SGD if hp.optimizer == "precond_sgd" else torch.optim.AdamW
-        return create_riemannian_optimizer(
-            model, base, lr=lr, reg=hp.precond_damping, weight_decay=weight_decay
-        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    def gradient_transform(self, hp: LoraOneHyperparams) -> GradientTransform | None:
+        if hp.optimizer == "adamw":
+            return None
+        return riemannian_preconditioner(hp.precond_damping)
+
+
+def riemannian_preconditioner(damping: float) -> GradientTransform:
+    """For every LoRA pair: g_A <- (B^T B + damping I)^-1 g_A, g_B <- g_B (A A^T + damping I)^-1.
+
+    Pairs are found by name (`.lora_A.` / `.lora_B.`), as peft's Riemannian optimizer finds
+    them; other trainables (the task head) keep their gradients. Computed in at least fp32,
+    with pinv as peft does (robust when a factor is near rank-deficient).
+    """
+
+    def damped_inverse(gram: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        return torch.linalg.pinv(gram + damping * eye)
+
+    def transform(params, grads) -> dict[str, torch.Tensor]:
+        rewritten: dict[str, torch.Tensor] = {}
+        for name_a, param_a in params.items():
+            name_b = name_a.replace(".lora_A.", ".lora_B.")
+            if ".lora_A." not in name_a or name_b not in params or param_a.ndim != 2:
+                continue
+            dtype = torch.promote_types(param_a.dtype, torch.float32)
+            a, b = param_a.to(dtype), params[name_b].to(dtype)
+            if name_a in grads:
+                grad = grads[name_a]
+                rewritten[name_a] = (damped_inverse(b.T @ b) @ grad.to(dtype)).to(grad.dtype)
+            if name_b in grads:
+                grad = grads[name_b]
+                rewritten[name_b] = (grad.to(dtype) @ damped_inverse(a @ a.T)).to(grad.dtype)
+        return rewritten
+
+    return transform

@@ -219,39 +219,77 @@ class Toy(nn.Module):
         return SimpleNamespace(loss=((out.squeeze(-1) - labels) ** 2).mean(), logits=out)
 
 
-def test_one_preconditioned_step_equals_the_hand_formula():
-    g = torch.Generator().manual_seed(4)
+def _toy_lora_one(overrides: dict, seed: int = 4):
+    """A LoRA-One toy (fc1 adapted, fc2 a trainable head) and a training batch."""
+    g = torch.Generator().manual_seed(seed)
     data = [{"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}]
     method = methods.get_method("lora_one")
     hp = method.hyperparams(
-        {"rank": 2, "init_batches": 1, "optimizer": "precond_sgd", "precond_damping": 0.1,
-         "target_modules": ["fc1"]}
-    )  # fmt: skip
-    toy_ctx = methods.PrepareContext([], ["fc1"], init_batches=lambda n: iter(data))
+        {"rank": 2, "init_batches": 1, "target_modules": ["fc1"], **overrides}
+    )
+    toy_ctx = methods.PrepareContext(["fc2"], ["fc1"], init_batches=lambda n: iter(data))
     model = method.prepare(Toy(), hp, toy_ctx)
+    step = {"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}
+    return method, hp, model, step
+
+
+def test_one_preconditioned_step_equals_the_hand_formula():
+    from harness.train import train_step
+
+    method, hp, model, step = _toy_lora_one({"optimizer": "precond_sgd", "precond_damping": 0.1})
     lr = 0.05
     optimizer = method.build_optimizer(model, lr, hp)
-    step = {"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}
-    model(**step).loss.backward()
     layer = model.base_model.model.fc1
-    a, b = (
-        layer.lora_A["default"].weight.detach().clone(),
-        layer.lora_B["default"].weight.detach().clone(),
-    )
-    ga, gb = (
-        layer.lora_A["default"].weight.grad.clone(),
-        layer.lora_B["default"].weight.grad.clone(),
-    )
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a, b = lora_a.detach().clone(), lora_b.detach().clone()
+    model(**step).loss.backward()
+    ga, gb = lora_a.grad.clone(), lora_b.grad.clone()
+    optimizer.zero_grad()
     eye = torch.eye(2)
     expected_a = a - lr * torch.linalg.inv(b.T @ b + 0.1 * eye) @ ga
     expected_b = b - lr * gb @ torch.linalg.inv(a @ a.T + 0.1 * eye)
-    optimizer.step()
-    torch.testing.assert_close(
-        layer.lora_A["default"].weight.detach(), expected_a, atol=1e-6, rtol=1e-5
-    )
-    torch.testing.assert_close(
-        layer.lora_B["default"].weight.detach(), expected_b, atol=1e-6, rtol=1e-5
-    )
+    train_step(model, step, optimizer, None, None, method.gradient_transform(hp))
+    torch.testing.assert_close(lora_a.detach(), expected_a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lora_b.detach(), expected_b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["precond_sgd", "precond_adamw"])
+def test_preconditioned_steps_equal_peft_riemannian_optimizer(optimizer):
+    """Our gradient transform + base optimizer == peft's create_riemannian_optimizer (which
+    preconditions inside step()), with clipping active and applied first in both (the order
+    of a Trainer-style loop), over 3 steps (AdamW state included)."""
+    from peft.optimizers import create_riemannian_optimizer
+
+    from harness.train import train_step
+
+    overrides = {"optimizer": optimizer, "precond_damping": 0.05}
+    method, hp, ours, step = _toy_lora_one(overrides)
+    _, _, theirs, _ = _toy_lora_one(overrides)
+    lr, max_norm = 0.05, 0.02
+    ours_opt = method.build_optimizer(ours, lr, hp, weight_decay=0.01)
+    base = torch.optim.SGD if optimizer == "precond_sgd" else torch.optim.AdamW
+    peft_opt = create_riemannian_optimizer(theirs, base, lr=lr, reg=0.05, weight_decay=0.01)
+    transform = method.gradient_transform(hp)
+    for _ in range(3):
+        train_step(ours, step, ours_opt, None, max_norm, transform)
+        theirs(**step).loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in theirs.parameters() if p.requires_grad], max_norm
+        )
+        assert norm > 5 * max_norm  # clipping is active, so its order matters
+        peft_opt.step()
+        peft_opt.zero_grad()
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    moved = ours.base_model.model.fc1.lora_A["default"].weight
+    assert not torch.equal(moved, _toy_lora_one(overrides)[2].base_model.model.fc1.lora_A[
+        "default"].weight)  # fmt: skip
+
+
+def test_default_optimizer_has_no_gradient_transform():
+    method = methods.get_method("lora_one")
+    assert method.gradient_transform(method.hyperparams({})) is None
 
 
 @pytest.mark.parametrize("name", ["lora_one", "lora_sb"])

@@ -111,9 +111,6 @@ def test_zero2_config_and_fp32_on_cpu():
         ({"distributed": {"workers": 4, "gpus_per_trial": 8}}, "disagree"),
         ({"resources": {"gpus_per_trial": 0.5}}, "allowed only with `smoke: true`"),
         ({"distributed": {"workers": 2},
-          "methods": {"lora_one": {"lrs": [1e-3], "overrides": {"optimizer": "precond_sgd"}}}},
-         "not supported under DeepSpeed ZeRO"),
-        ({"distributed": {"workers": 2},
           "budget": {"max_steps": 2, "batch_size": 8, "train_rows": 4}},
          "smaller than one global batch"),
     ],
@@ -124,6 +121,9 @@ def test_distributed_section_is_validated_before_ray_starts(changes, message):
 
 
 def test_valid_distributed_and_smoke_configs():
+    # LoRA-One's preconditioned optimizers run under ZeRO (tests/test_zero_gradients.py).
+    precond = {"lora_one": {"lrs": [1e-3], "overrides": {"optimizer": "precond_sgd"}}}
+    assert validate_config(_cfg(distributed={"workers": 2}, methods=precond))
     cfg = validate_config(_cfg(distributed={"workers": 2, "micro_batch_size": 2}))
     (spec,) = expand(cfg)
     assert spec.distributed.world_size == 2 and spec.distributed.enabled
@@ -399,12 +399,16 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
         # LoRA-GA: peft's randomized SVD after rank-specific forward passes (dropout) - the
         # hard case for identical inits; its W0 offset also rewrites base weights.
         "lora_ga": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1}},
-    }
+        # LoRA-One with the paper's preconditioners: the harness clips and preconditions
+        # the assembled full gradients at the accumulation boundary.
+        "lora_one": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1,
+                                                  "optimizer": "precond_adamw"}},
+    }  # fmt: skip
     config = _sweep_file(tmp_path, mirror_dir, methods, save_adapter=True)
     assert main(["sweep", str(config)]) == 0
-    assert "2 trials to run" in capsys.readouterr().out
+    assert "3 trials to run" in capsys.readouterr().out
     runs = pd.read_parquet(tmp_path / "out" / "runs.parquet").set_index("method")
-    assert set(runs.index) == {"lora", "lora_ga"}
+    assert set(runs.index) == {"lora", "lora_ga", "lora_one"}
     assert (runs["status"] == "ok").all(), runs[["error", "traceback"]].to_dict()
     for method, row in runs.iterrows():
         dist = json.loads(row["distributed"])
@@ -423,6 +427,11 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
         # Evaluation was sharded over the 2 ranks and gathered: every test item is there.
         assert dist["eval_sharded_over"] == 2
         assert len(json.loads(row["test_items"])["test/validation"]["pred"]) == 16
+    clipping = {m: json.loads(r["distributed"])["grad_clipping"] for m, r in runs.iterrows()}
+    assert clipping == {"lora": "deepspeed", "lora_ga": "deepspeed",
+                        "lora_one": "harness, before the transform"}  # fmt: skip
+    assert json.loads(runs.loc["lora_one", "distributed"])["deepspeed_config"][
+        "gradient_clipping"] == 0.0  # fmt: skip
     assert runs.loc["lora", "sanity_init"].startswith("identity")
     assert runs.loc["lora_ga", "sanity_init"].startswith("identity")  # W0 offset applied
     assert runs.loc["lora_ga", "init_time_s"] > 0
@@ -437,7 +446,7 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
     assert not any(k.endswith("query.weight") or "base_layer" in k for k in keys)  # no base
     # The same command again runs nothing.
     assert main(["sweep", str(config)]) == 0
-    assert "0 trials to run (2 already done)" in capsys.readouterr().out
+    assert "0 trials to run (3 already done)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
