@@ -289,7 +289,14 @@ def pool_output_grads(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 class _FrozenForward:
-    """Context: every parameter frozen (restored after), given train/eval mode."""
+    """Context: every parameter frozen, given train/eval mode, gradient checkpointing off
+    (all restored after).
+
+    Checkpointing (DeepSpeed trials enable it) re-runs each layer's forward inside the
+    backward; the taps would count those forwards, and the recomputed graph does not carry
+    the taps' zero leaves, so some outputs never see their gradient. The passes therefore
+    hold one un-checkpointed micro-batch of activations (no weight gradients).
+    """
 
     def __init__(self, model: nn.Module, train: bool) -> None:
         self.model, self.train = model, train
@@ -297,14 +304,22 @@ class _FrozenForward:
     def __enter__(self):
         self.flags = {p: p.requires_grad for p in self.model.parameters()}
         self.was_training = self.model.training
+        # transformers' per-module switch (GradientCheckpointingLayer and older encoders).
+        self.checkpointed = [
+            m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False) is True
+        ]
         for p in self.flags:
             p.requires_grad_(False)
+        for m in self.checkpointed:
+            m.gradient_checkpointing = False
         self.model.train(self.train)
         return self
 
     def __exit__(self, *exc):
         for p, flag in self.flags.items():
             p.requires_grad_(flag)
+        for m in self.checkpointed:
+            m.gradient_checkpointing = True
         self.model.train(self.was_training)
         return False
 
@@ -312,12 +327,13 @@ class _FrozenForward:
 class _Taps:
     """Makes autograd reach every target output with all parameters frozen.
 
-    An output that does not require grad (its inputs do not, e.g. the first layers) gets
-    a fresh zero scalar leaf added (`output + 0`, the same values); an output downstream of
-    such a leaf already requires grad and just gets the hook. Asking autograd for the
-    gradient with respect to the leaves then computes exactly the activation gradients on
-    the way (no weight gradient), firing every hook. Calls are counted so that a hook that
-    did not fire (an output the loss does not depend on) is an error, not a silent gap.
+    Every tapped output gets a fresh zero scalar leaf added (`output + 0`, the same values).
+    Asking autograd for the gradient with respect to the leaves then computes exactly the
+    activation gradients on the way (no weight gradient), firing every hook. Each output
+    needs its own leaf: one that requires grad for another reason (transformers' gradient
+    checkpointing makes the embedding output require grad) may lead to no leaf, and autograd
+    would prune its gradient. Calls are counted so that a hook that did not fire (an output
+    the loss does not depend on) is an error, not a silent gap.
     """
 
     def __init__(self) -> None:
@@ -332,10 +348,9 @@ class _Taps:
             self.fired[name] = self.fired.get(name, 0) + 1
             on_grad(g)
 
-        if not (output.requires_grad and self.leaves):
-            zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            self.leaves.append(zero)
-            output = output + zero
+        zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        self.leaves.append(zero)
+        output = output + zero
         output.register_hook(counted)
         return output
 

@@ -534,6 +534,29 @@ def test_prepared_adapter_equals_the_dense_reference_on_tiny_bert():
         torch.testing.assert_close(b0.T @ b0, a0 @ a0.T, atol=1e-6, rtol=1e-4)
 
 
+def test_init_under_gradient_checkpointing_equals_the_init_without():
+    """DeepSpeed trials enable gradient checkpointing, which re-runs each layer's forward
+    during the backward: the init passes turn it off (and back on), so the adapter equals
+    the one without it (before, the recomputed forwards failed the init)."""
+    method, hp = cg()
+    plain = method.prepare(tiny_bert(), hp, ctx())
+    checkpointed_base = tiny_bert()
+    checkpointed_base.gradient_checkpointing_enable({"use_reentrant": False})
+    checkpointed = method.prepare(checkpointed_base, hp, ctx())
+    recomputed = []
+    layer = checkpointed.base_model.model.bert.encoder.layer[0].attention.self.query
+    handle = layer.register_forward_hook(lambda *_: recomputed.append(1))
+    checkpointed.train()
+    checkpointed(**INIT[0]).loss.backward()
+    handle.remove()
+    assert len(recomputed) == 2  # the forward really ran twice: checkpointing is on
+    for (name, p), (_, q) in zip(
+        plain.named_parameters(), checkpointed.named_parameters(), strict=True
+    ):
+        if ".lora_" in name:
+            torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_shift_keeps_the_base_logits_and_no_shift_starts_at_W0_plus_sBA():
     base = tiny_bert()
     method, no_shift_hp = cg()
