@@ -24,7 +24,8 @@ compute dtype (bf16 2, fp32 4), per rank:
 pipeline loads it (`load_dtype`: fp32 4 P, bf16 2 P); a data-informed init adds fp32
 gradient accumulators for every targeted weight (4 sum(m n) over targets; in host memory
 instead with `offload_init_statistics`, counted in `init_host_bytes`) and the activations of
-one init micro-batch in the load dtype.
+one init micro-batch in the load dtype (without gradient checkpointing for CG-LoRA, whose
+K-FAC passes switch it off).
 """
 
 from __future__ import annotations
@@ -168,9 +169,8 @@ def estimate(
     init_peak = load_bytes * total  # every rank holds the model as loaded until ZeRO partitions
     init_host = 0
     if m.needs_init_batches:
-        init_peak += activation_bytes(
-            config, micro_batch, seq_len, load_bytes, gradient_checkpointing
-        )
+        init_checkpointed = gradient_checkpointing and m.init_keeps_gradient_checkpointing
+        init_peak += activation_bytes(config, micro_batch, seq_len, load_bytes, init_checkpointed)
         if offload_init_statistics:
             init_host = 4 * target_weights
         else:

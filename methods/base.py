@@ -143,6 +143,9 @@ class Method:
     needs_init_batches: ClassVar[bool] = False
     # Callbacks touch parameters/optimizer state only through ParamAccess (ZeRO-capable).
     callbacks_support_zero: ClassVar[bool] = False
+    # The data-informed init's passes keep the model's gradient checkpointing (False: they
+    # switch it off, so they hold one micro-batch's full activations - CG-LoRA's K-FAC taps).
+    init_keeps_gradient_checkpointing: ClassVar[bool] = True
 
     def hyperparams(self, overrides: Mapping[str, Any] | None = None) -> Hyperparams:
         """Defaults merged with overrides, validated (raises pydantic.ValidationError)."""

@@ -235,6 +235,7 @@ class CgLora(PeftLoraMethod):
     description = "CG-LoRA: LoRA init from the K-FAC-whitened gradient (curvature-guided)"
     hyperparams_cls = CgLoraHyperparams
     needs_init_batches = True
+    init_keeps_gradient_checkpointing = False  # methods.kfac._FrozenForward turns it off
 
     def init_batches_wanted(self, hp: CgLoraHyperparams, ctx=None) -> int:
         if hp.init_batches is not None:

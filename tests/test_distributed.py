@@ -327,6 +327,10 @@ def test_init_memory_follows_the_load_dtype_and_statistics_offload():
     assert bf16.init_peak_bytes == 2 * P + accumulators + acts[2]
     assert off.init_peak_bytes == 2 * P + acts[2] and off.init_host_bytes == accumulators
     assert fp32.init_host_bytes == 0
+    # CG-LoRA's init passes run without checkpointing: a full micro-batch of activations.
+    cg = estimate(config, "cg_lora", {"rank": 32}, load_dtype="bf16", **kw)
+    assert cg.init_peak_bytes == 2 * P + accumulators + activation_bytes(config, 1, 512, 2, False)
+    assert cg.init_peak_bytes > bf16.init_peak_bytes
 
 
 def test_load_dtype_follows_training_precision_unless_set():
@@ -447,6 +451,41 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
     # The same command again runs nothing.
     assert main(["sweep", str(config)]) == 0
     assert "0 trials to run (3 already done)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_other_method_trains_under_zero3(tmp_path, mirror_dir):
+    """The methods the tests above do not cover, under ZeRO-3 on 2 gloo workers with
+    gradient checkpointing (the DeepSpeed default): identical inits on both ranks, the
+    init and merge checks pass, the trainable count is the closed form, the loss falls."""
+    pytest.importorskip("deepspeed")
+    from harness.cli import main
+
+    lora = {"rank": 4, "alpha": 8}
+    methods = {
+        "full_ft": {"lrs": [1e-3], "overrides": {}},
+        "rslora": {"lrs": [1e-2], "overrides": lora},
+        "lora_plus": {"lrs": [1e-2], "overrides": lora},  # two param groups under ZeRO
+        "pissa": {"lrs": [1e-2], "overrides": lora},  # rewrites base weights before ZeRO
+        "dora": {"lrs": [1e-2], "overrides": lora},
+        "lora_sb": {"lrs": [1e-2], "overrides": {"rank": 4, "init_batches": 1}},
+        "cg_lora": {"lrs": [1e-2], "overrides": {**lora, "init_batches": 1}},
+    }
+    config = _sweep_file(tmp_path, mirror_dir, methods)
+    assert main(["sweep", str(config)]) == 0
+    runs = pd.read_parquet(tmp_path / "out" / "runs.parquet").set_index("method")
+    assert set(runs.index) == set(methods)
+    assert (runs["status"] == "ok").all(), runs[["error"]].to_dict()
+    for method, row in runs.iterrows():
+        dist = json.loads(row["distributed"])
+        assert dist["zero_stage"] == 3 and dist["gradient_checkpointing"], method
+        assert dist["init_identical"] and len(dist["init_digests"]) == 2, method
+        assert row["trainable_params"] == row["expected_trainable_params"], method
+        assert row["sanity_init"].startswith(("identity", "offset")), method
+        expected_merge = "not mergeable" if method == "full_ft" else "merged == unmerged"
+        assert row["sanity_merge"].startswith(expected_merge), (method, row["sanity_merge"])
+        losses = [loss for _, loss in json.loads(row["loss_curve"])]
+        assert sum(losses[-3:]) / 3 < losses[0] - 0.05, (method, losses)
 
 
 @pytest.mark.slow
