@@ -123,7 +123,9 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     """Per method x task: choose the LR by mean selection score over ok seeds, report test.
 
     Failed and diverged runs never enter a mean; they are counted. An LR is eligible only
-    if every one of its seeds finished ok, so a diverging seed cannot be hidden by dropping it.
+    if it has an ok run with finite selection and test scores for every seed the (method,
+    task) was run with: a diverging, missing (interrupted) or NaN-scoring seed can neither
+    be hidden by dropping it nor let a noisier mean over fewer seeds win.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
@@ -136,8 +138,14 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
                 f"({sorted(settings)}); one leaderboard row never averages across settings"
             )
         ok = group[group["status"] == "ok"]
+        all_seeds = set(group["seed"])
         complete = [
-            lr for lr, g in group.groupby("lr") if (g["status"] == "ok").all() and len(g) > 0
+            lr
+            for lr, g in group.groupby("lr")
+            if (g["status"] == "ok").all()
+            and set(g["seed"]) == all_seeds
+            and np.isfinite(g["selection_score"].astype(float)).all()
+            and np.isfinite(g["test_score"].astype(float)).all()
         ]
         by_lr = ok[ok["lr"].isin(complete)].groupby("lr")["selection_score"].mean()
         row = {
@@ -241,11 +249,18 @@ def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = 
         theirs = ok[(ok["method"] == ref) & (ok["task"] == row["task"])]
         mine = mine[mine["lr"] == row["chosen_lr"]].set_index("seed")
         theirs = theirs[theirs["lr"] == ref_lr].set_index("seed")
+        if not _same_evaluation(mine, theirs):
+            continue  # another model, data, protocol, budget or test set: not comparable
         seeds = sorted(set(mine.index) & set(theirs.index))
         a = [_headline_items(mine.loc[s]) for s in seeds]
         b = [_headline_items(theirs.loc[s]) for s in seeds]
         if not seeds or any(x is None for x in a + b):
             continue  # runs from before per-item outcomes were recorded
+        if any(
+            len(x[0]) != len(y[0]) or (x[1] is not None and not np.array_equal(x[1], y[1]))
+            for x, y in zip(a, b, strict=True)
+        ):
+            continue  # not the same test items (labels differ): no paired comparison
         result = paired_bootstrap(a, b, _metric_fn(row["task"], row["test_metric"]))
         board.loc[i, ["vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"]] = [
             result["delta"],
@@ -253,6 +268,21 @@ def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = 
             result["ci_high"],
         ]
         board.loc[i, "vs_lora_within_noise"] = result["within_noise"]
+
+
+# What must be equal for a paired comparison with the reference method to mean anything.
+COMPARABLE_COLUMNS = (
+    "model_id", "model_revision", "protocol", "data_fingerprint", "budget", "test_rows",
+)  # fmt: skip
+
+
+def _same_evaluation(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
+    for column in COMPARABLE_COLUMNS:
+        if column in mine.columns and column in theirs.columns:
+            values = set(mine[column].astype(str)) | set(theirs[column].astype(str))
+            if len(values) > 1:
+                return False
+    return True
 
 
 def write_leaderboard(out_dir: str | Path) -> pd.DataFrame:

@@ -57,7 +57,8 @@ def paired_bootstrap(
         "delta": observed,
         "ci_low": float(low),
         "ci_high": float(high),
-        "within_noise": bool(low <= 0.0 <= high),
+        # A NaN interval (a metric undefined on some resample) says nothing: NA, not "differs".
+        "within_noise": bool(low <= 0.0 <= high) if np.isfinite([low, high]).all() else None,
     }
 
 

@@ -101,3 +101,36 @@ def test_append_replaces_same_key_and_writes_atomically(tmp_path: Path):
     board = write_leaderboard(tmp_path)
     assert board.iloc[0]["test_mean"] == pytest.approx(0.7)
     assert (tmp_path / "leaderboard.parquet").is_file()
+
+
+def test_an_lr_missing_a_seed_cannot_win_on_a_noisier_mean():
+    """An LR added later (or interrupted) with fewer seeds is not eligible until it has
+    every seed the (method, task) was run with."""
+    runs = pd.DataFrame(
+        [_run("lora", 1e-4, s, 0.80, 0.80) for s in (0, 1, 2)]
+        + [_run("lora", 1e-3, 0, 0.81, 0.70)]
+    )
+    row = build_leaderboard(runs).iloc[0]
+    assert row["chosen_lr"] == 1e-4 and row["n_seeds"] == 3
+    assert row["test_mean"] == pytest.approx(0.80)
+
+
+def test_a_nan_score_makes_its_lr_ineligible():
+    """NaN (e.g. Pearson of NaN predictions) must not be skipped by the mean: the LR would be
+    chosen on a subset of its seeds, or report a mean over fewer seeds than n_seeds says."""
+    nan = float("nan")
+    runs = pd.DataFrame(
+        [
+            _run("lora", 1e-3, 0, 0.9, 0.7),
+            _run("lora", 1e-3, 1, nan, 0.1),
+            _run("lora", 1e-3, 2, 0.9, 0.7),
+            _run("lora", 1e-4, 0, 0.8, 0.8),
+            _run("lora", 1e-4, 1, 0.8, 0.8),
+            _run("lora", 1e-4, 2, 0.8, nan),
+        ]
+    )
+    row = build_leaderboard(runs).iloc[0]
+    assert pd.isna(row["chosen_lr"]) and row["n_seeds"] == 0
+    runs.loc[5, "test_score"] = 0.8
+    row = build_leaderboard(runs).iloc[0]
+    assert row["chosen_lr"] == 1e-4 and row["test_mean"] == pytest.approx(0.8)

@@ -86,3 +86,33 @@ def test_leaderboard_flags_the_paired_difference_with_lora():
     assert board.loc["full_ft", "vs_lora_within_noise"]
     assert pd.isna(board.loc["lora", "vs_lora_delta"])
     assert board.loc["dora", "test_ci_low"] == board.loc["dora", "test_ci_high"] == 1.0
+
+
+def test_no_comparison_with_lora_run_under_another_setting():
+    """Same item count, but LoRA ran on another model (or other test items): the leaderboard
+    leaves vs-LoRA empty rather than reporting a difference between two experiments."""
+    labels = np.array([0, 1] * 50)
+    rows = []
+    for seed in (0, 1):
+        rows.append(_with_items(_run("dora", 1e-3, seed, 0.9, 1.0), labels, labels))
+        lora = _with_items(_run("lora", 1e-3, seed, 0.9, 0.5), np.zeros(100), labels)
+        lora["model_id"] = "another-model"
+        rows.append(lora)
+    board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert pd.isna(board.loc["dora", "vs_lora_delta"])
+    assert pd.isna(board.loc["dora", "vs_lora_within_noise"])
+    # Other test items (another label order / count) are refused per row, not a crash.
+    for row in rows:
+        row["model_id"] = "m"
+    rows[1] = _with_items(rows[1], np.zeros(100), labels[::-1])
+    rows[3] = _with_items(rows[3], np.zeros(80), labels[:80])
+    board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert pd.isna(board.loc["dora", "vs_lora_delta"])
+
+
+def test_an_undefined_interval_is_not_reported_as_a_difference():
+    def nan_metric(pred, labels):
+        return float("nan")
+
+    result = paired_bootstrap([(np.zeros(5), None)], [(np.zeros(5), None)], nan_metric)
+    assert result["within_noise"] is None
