@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import tempfile
 import time
@@ -352,6 +351,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     from harness.trial import (
         evaluate_into_row,
         load_data_and_model,
+        planned_steps,
         prepare_method,
         seed_everything,
     )
@@ -398,9 +398,7 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
         )
 
     # DeepSpeed: ZeRO partitions the prepared model, wraps the method's optimizer.
-    total_steps = budget.max_steps or math.ceil(
-        budget.epochs * len(pipeline.train_rows) / budget.batch_size
-    )
+    total_steps = planned_steps(budget, len(pipeline.train_rows))
     schedule = SCHEDULES[budget.schedule or "linear"]
     grad_transform = method.gradient_transform(hp)
     # With a gradient transform the harness clips, before it (as train_step does on one

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from harness.generate import greedy_generate
 from harness.models import LoadedModel, ModelSource, load_causal_lm, load_sequence_model
 from harness.sharding import Shard
-from harness.train import predict
+from harness.train import cycle, predict
 from tasks.base import DataSplits, Task
 from tasks.generative import IGNORE_INDEX, GenerativeTask
 
@@ -29,10 +29,17 @@ def _to_rows(encoded: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
 
 
-def make_loader(rows, collate, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    rows, collate, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+        rows,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        generator=generator,
+        drop_last=drop_last,
     )
 
 
@@ -61,10 +68,20 @@ class Pipeline:
         return self.loaded.model
 
     def loader(self, batch_size: int, seed: int) -> DataLoader:
-        return make_loader(self.train_rows, self.collate, batch_size, shuffle=True, seed=seed)
+        """Training batches in a seeded order; an epoch's incomplete last batch is dropped,
+        so every step is one full batch - the global batches of the distributed path
+        (harness.distributed.RankShares draws the same order)."""
+        return make_loader(
+            self.train_rows, self.collate, batch_size, shuffle=True, seed=seed, drop_last=True
+        )
 
     def batches(self, batch_size: int, seed: int, device) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.loader(batch_size, seed):
+        """Endless training batches (epochs reshuffled, as in training), on `device`."""
+        if len(self.train_rows) < batch_size:
+            raise ValueError(
+                f"{len(self.train_rows)} train rows cannot fill a batch of {batch_size}"
+            )
+        for batch in cycle(self.loader(batch_size, seed)):
             yield {k: v.to(device) for k, v in batch.items()}
 
     def evaluate(self, split: str) -> dict[str, float]:

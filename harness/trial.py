@@ -137,6 +137,16 @@ def load_data_and_model(
     return task, splits, pipeline
 
 
+def planned_steps(budget, train_rows: int) -> int:
+    """Optimizer steps of a trial: `max_steps`, else `epochs` x full batches per epoch (the
+    loaders drop an epoch's incomplete last batch, on one device and distributed alike)."""
+    if train_rows < budget.batch_size:
+        raise ValueError(f"{train_rows} train rows cannot fill one batch of {budget.batch_size}")
+    if budget.max_steps:
+        return budget.max_steps
+    return math.ceil(budget.epochs * (train_rows // budget.batch_size))
+
+
 def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
     torch.set_num_threads(spec.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,9 +168,7 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     # Train.
     optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
-    total_steps = budget.max_steps or math.ceil(
-        budget.epochs * len(pipeline.train_rows) / budget.batch_size
-    )
+    total_steps = planned_steps(budget, len(pipeline.train_rows))
     checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe)
     result = train(
         model,

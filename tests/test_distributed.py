@@ -594,3 +594,48 @@ def test_cluster_manifests_are_valid():
     assert spec["rayVersion"] == "2.60.0" and spec["authOptions"]["mode"] == "token"
     worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+@pytest.mark.parametrize(("rows", "world", "micro"), [(70, 2, 4), (100, 4, None), (64, 2, 2)])
+def test_ranks_together_see_the_single_device_batches(rows, world, micro):
+    """Step by step, across epoch boundaries and with an incomplete last batch (70 rows,
+    batch 16), the ranks' micro-batches together are the single-device loader's batch, and
+    the data-informed init batches are the same examples on both paths."""
+    from itertools import islice
+
+    from harness.deepspeed_config import batch_plan
+    from harness.distributed import RankShares
+    from harness.pipelines import Pipeline
+    from harness.train import cycle
+
+    batch, seed, steps = 16, 3, 3 * rows // 16 + 2  # > 2 epochs
+    pipeline = Pipeline(
+        loaded=None,
+        train_rows=[{"idx": i} for i in range(rows)],
+        collate=lambda rs: {"idx": torch.tensor([r["idx"] for r in rs])},
+        evaluators={},
+    )
+    single = [b["idx"].tolist() for b in islice(cycle(pipeline.loader(batch, seed)), steps)]
+    assert all(len(b) == batch for b in single)  # the incomplete last batch is dropped
+    plan = batch_plan(batch, world, micro)
+    shares = [RankShares(pipeline, plan, rank, "cpu") for rank in range(world)]
+    per_rank = [list(islice(share.steps(seed), steps)) for share in shares]
+    for step in range(steps):
+        joined = [i for rank in range(world) for mb in per_rank[rank][step] for i in mb]
+        assert joined == single[step], step
+    # Init batches: n batches from seed + 1, cycling past an epoch on both paths.
+    n = rows // batch + 2
+    single_init = [b["idx"].tolist() for b in islice(pipeline.batches(batch, seed + 1, "cpu"), n)]
+    dist_init = [b["idx"].tolist() for share in shares for b in share.init_batches(seed + 1)(n)]
+    assert sorted(i for b in single_init for i in b) == sorted(i for b in dist_init for i in b)
+
+
+def test_planned_steps_count_full_batches():
+    from harness.config import Budget
+    from harness.trial import planned_steps
+
+    assert planned_steps(Budget(epochs=1, batch_size=32), 50_000) == 1562  # 50000 // 32
+    assert planned_steps(Budget(epochs=2, batch_size=16), 70) == 8
+    assert planned_steps(Budget(max_steps=5, batch_size=16), 70) == 5
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        planned_steps(Budget(max_steps=5, batch_size=16), 10)
