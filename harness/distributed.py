@@ -529,15 +529,12 @@ def _train(
     for step in range(state["step"] + 1, total_steps + 1):
         micro = [shares.collate(indices) for indices in next(steps)]
         started = time.perf_counter()
-        # [mean micro-batch loss, tokens] summed over ranks in one all-reduce.
-        totals = torch.zeros(2, device=engine.device, dtype=torch.float32)
+        loss_value = global_batch_step(engine, micro, pipeline.loss_terms, on_boundary)
+        step_tokens = torch.zeros((), device=engine.device, dtype=torch.float64)
         for batch in micro:
-            loss = micro_step(engine, batch, on_boundary)
-            totals[0] += loss.detach().float() / len(micro)
             if "attention_mask" in batch:
-                totals[1] += batch["attention_mask"].sum()
-        tdist.all_reduce(totals)
-        loss_value = float(totals[0]) / tdist.get_world_size()
+                step_tokens += batch["attention_mask"].sum()
+        tdist.all_reduce(step_tokens)
         for cb in callbacks:
             cb.on_step_end(step, engine.module, engine.optimizer, access)
         train_time += time.perf_counter() - started
@@ -545,7 +542,7 @@ def _train(
             raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
         check_divergence(step, loss_value, losses)
         losses.append(loss_value)
-        tokens += int(totals[1])
+        tokens += int(step_tokens)
         if step % every == 0 or step == total_steps:
             window = losses[-every:]
             curve.append((step, sum(window) / len(window)))
@@ -561,11 +558,41 @@ def _train(
             "train_time": train_time, "tokens": tokens}  # fmt: skip
 
 
-def micro_step(engine, batch: dict[str, torch.Tensor], on_boundary=None) -> torch.Tensor:
-    """One micro-batch through the engine; `on_boundary()` runs once the step's gradients
-    are complete (reduced over ranks and micro-batches), before the optimizer step."""
+def global_batch_step(engine, micro: list, loss_terms, on_boundary=None) -> float:
+    """One optimizer step over this rank's micro-batches of the global batch; returns the
+    global batch's loss, identical on every rank.
+
+    The gradient is the single-device one, the mean over all loss terms (examples, or a
+    causal LM's labelled tokens) of the global batch: DeepSpeed averages the micro-batch
+    losses over accumulation steps and ranks, so each micro-batch's mean is weighted by its
+    share of the terms (x micro-batches x ranks). A plain average of micro-batch means would
+    over-weight the tokens of micro-batches with short answers.
+    """
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size()
+    terms = [float(loss_terms(batch)) for batch in micro]
+    total = torch.tensor(sum(terms), device=engine.device, dtype=torch.float64)
+    tdist.all_reduce(total)
+    if float(total) <= 0:
+        raise ValueError("the global batch has no loss terms (every label is ignored)")
+    weighted = torch.zeros((), device=engine.device, dtype=torch.float64)
+    for batch, count in zip(micro, terms, strict=True):
+        share = count * len(micro) * world / float(total)
+        loss = micro_step(engine, batch, on_boundary, weight=share)
+        weighted += loss.detach().double() * count
+    tdist.all_reduce(weighted)
+    return float(weighted / total)
+
+
+def micro_step(
+    engine, batch: dict[str, torch.Tensor], on_boundary=None, weight: float = 1.0
+) -> torch.Tensor:
+    """One micro-batch through the engine, its loss scaled by `weight` for the backward;
+    `on_boundary()` runs once the step's gradients are complete (reduced over ranks and
+    micro-batches), before the optimizer step. Returns the unscaled loss."""
     loss = engine(**batch).loss
-    engine.backward(loss)
+    engine.backward(loss * weight if weight != 1.0 else loss)
     if on_boundary is not None and engine.is_gradient_accumulation_boundary():
         on_boundary()
     engine.step()

@@ -49,6 +49,16 @@ def item_record(predictions: np.ndarray, labels: np.ndarray, regression: bool) -
     return {"pred": predictions.astype(int).tolist(), "label": labels.astype(int).tolist()}
 
 
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Loss terms of a per-example loss (classification, regression): the examples."""
+    return int(batch["labels"].shape[0])
+
+
+def target_tokens_in(batch: dict[str, torch.Tensor]) -> int:
+    """Loss terms of a causal LM's token-mean loss: the labelled tokens after the shift."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
 @dataclass
 class Pipeline:
     """A loaded model plus the train rows, batching and split evaluators of one trial."""
@@ -62,6 +72,9 @@ class Pipeline:
     items: dict[str, dict[str, list]] = field(default_factory=dict)
     # Distributed trials: each rank evaluates its share of the items (harness.sharding).
     shard: Shard | None = None
+    # What the model's loss averages over in a batch, so that micro-batches can be weighted
+    # to give the whole batch's mean (harness.distributed.global_batch_step).
+    loss_terms: Callable[[dict[str, torch.Tensor]], int] = examples_in
 
     @property
     def model(self) -> torch.nn.Module:
@@ -198,7 +211,9 @@ def _causal_lm_pipeline(
     loaded.model.to(device)
     tokenizer = loaded.tokenizer
     rows = _to_rows(task.encode(tokenizer, splits.train, max_length))
-    pipeline = Pipeline(loaded, rows, pad_causal_batch(tokenizer.pad_token_id), {})
+    pipeline = Pipeline(
+        loaded, rows, pad_causal_batch(tokenizer.pad_token_id), {}, loss_terms=target_tokens_in
+    )
 
     def evaluator(name: str, df: pd.DataFrame):
         prompts = task.encode_prompts(tokenizer, df, max_length)

@@ -121,3 +121,29 @@ def test_score_cuts_at_stop_strings_and_counts_correct_items():
     assert correct == [True, False] and metrics == {"accuracy": 0.5}
     with pytest.raises(ValueError, match="generations for"):
         task.score(["five"], ROWS)
+
+
+def test_target_token_count_is_the_causal_lm_loss_denominator():
+    """`target_tokens_in` counts what the model's loss averages over, so weighting
+    micro-batch losses by it (harness.distributed.global_batch_step) rebuilds the whole
+    batch's loss exactly, however unevenly the answers' lengths fall."""
+    from harness.pipelines import pad_causal_batch, target_tokens_in
+    from tasks.generative import IGNORE_INDEX
+
+    model = tiny_llama().eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, answer in [(3, 1), (2, 7), (4, 2), (1, 5)]:
+        ids = torch.randint(1, len(WORDS), (prompt + answer,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                     "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})  # fmt: skip
+    collate = pad_causal_batch(0)
+    whole = collate(rows)
+    with torch.no_grad():
+        full = model(**whole).loss
+        parts = [collate(rows[:2]), collate(rows[2:])]
+        weighted = sum(model(**p).loss * target_tokens_in(p) for p in parts)
+        mean_of_means = sum(model(**p).loss for p in parts) / 2
+    assert target_tokens_in(whole) == sum(target_tokens_in(p) for p in parts)
+    torch.testing.assert_close(weighted / target_tokens_in(whole), full)
+    assert abs(float(mean_of_means - full)) > 1e-3  # the unweighted average differs

@@ -5,6 +5,10 @@ partitions; the harness assembles the full gradients at the accumulation boundar
 them and applies the transform (`ClipAndTransform`), with DeepSpeed's own clipping off.
 Here 2 gloo ranks x 2 micro-batches train a toy under ZeRO-2 and ZeRO-3 (parameters really
 partitioned) and must land on the parameters of `harness.train.train_step` on one device.
+
+The toy's loss is a mean over "kept" terms, like a causal LM's mean over labelled tokens:
+with micro-batches holding different numbers of terms, `global_batch_step` must weight them
+so the gradient is the whole batch's mean, not a mean of micro-batch means.
 """
 
 from __future__ import annotations
@@ -37,25 +41,37 @@ class Regressor(nn.Module):
         torch.manual_seed(3)
         self.fc1, self.fc2 = nn.Linear(32, 24), nn.Linear(24, 1)
 
-    def forward(self, x, labels):
+    def forward(self, x, labels, keep):
         out = self.fc2(torch.tanh(self.fc1(x)))
-        return SimpleNamespace(loss=((out.squeeze(-1) - labels) ** 2).mean(), logits=out)
+        errors = (out.squeeze(-1) - labels) ** 2
+        return SimpleNamespace(loss=(errors * keep).sum() / keep.sum(), logits=out)
 
 
-def _data() -> tuple[list[dict], dict]:
+def kept_terms(batch: dict) -> int:  # the pipeline's `loss_terms` for this toy
+    return int(batch["keep"].sum())
+
+
+# Per row of the global batch; rank r holds rows 4r..4r+3 as micro-batches of 2, so the
+# uneven mask gives the four micro-batches 2, 2, 1 and 1 terms.
+KEEP = {"even": [1.0] * 8, "uneven": [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]}
+
+
+def _data(keep: str = "even") -> tuple[list[dict], dict]:
     g = torch.Generator().manual_seed(7)
-    init = [{"x": torch.randn(8, 32, generator=g), "labels": torch.randn(8, generator=g)}]
+    init = [{"x": torch.randn(8, 32, generator=g), "labels": torch.randn(8, generator=g),
+             "keep": torch.ones(8)}]  # fmt: skip
     train = {
         "x": torch.randn(GLOBAL_BATCH, 32, generator=g),
         "labels": 3 * torch.randn(GLOBAL_BATCH, generator=g),
+        "keep": torch.tensor(KEEP[keep]),
     }
     return init, train
 
 
-def _prepared(optimizer: str):
+def _prepared(optimizer: str, keep: str = "even"):
     """LoRA-One on fc1 (the preconditioned pair) with fc2 as a trainable head (clipped, not
     preconditioned)."""
-    init, train = _data()
+    init, train = _data(keep)
     method = methods.get_method("lora_one")
     hp = method.hyperparams(
         {"rank": RANK, "alpha": 8, "init_batches": 1, "stable_gamma": 1.0,
@@ -65,8 +81,10 @@ def _prepared(optimizer: str):
     return method, hp, method.prepare(Regressor(), hp, ctx), train
 
 
-def _single_device(optimizer: str, transform_first: bool = False) -> dict[str, torch.Tensor]:
-    method, hp, model, train = _prepared(optimizer)
+def _single_device(
+    optimizer: str, keep: str = "even", transform_first: bool = False
+) -> dict[str, torch.Tensor]:
+    method, hp, model, train = _prepared(optimizer, keep)
     opt = method.build_optimizer(model, LR, hp, WEIGHT_DECAY)
     transform = method.gradient_transform(hp)
     for _ in range(STEPS):
@@ -82,7 +100,7 @@ def _single_device(optimizer: str, transform_first: bool = False) -> dict[str, t
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _zero_rank(rank: int, stage: int, optimizer: str, port: int, out: str) -> None:
+def _zero_rank(rank: int, stage: int, optimizer: str, keep: str, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
@@ -94,16 +112,18 @@ def _zero_rank(rank: int, stage: int, optimizer: str, port: int, out: str) -> No
         ClipAndTransform,
         ZeroParamAccess,
         _no_shm_comm,
-        micro_step,
+        global_batch_step,
         trainable_parameters,
     )
 
     _no_shm_comm(deepspeed)
-    method, hp, model, train = _prepared(optimizer)
+    method, hp, model, train = _prepared(optimizer, keep)
+    transform = method.gradient_transform(hp)
     config = render(
         DistributedConfig(workers=WORLD, zero_stage=stage, micro_batch_size=MICRO),
         global_batch=GLOBAL_BATCH,
-        max_grad_norm=None,  # as _run_rank renders it for a method with a gradient transform
+        # As _run_rank renders it: the harness clips for a method with a gradient transform.
+        max_grad_norm=None if transform else MAX_NORM,
         on_gpu=False,
     )
     if stage == 3:  # partition even these small matrices, as an 8B model's would be
@@ -112,14 +132,13 @@ def _zero_rank(rank: int, stage: int, optimizer: str, port: int, out: str) -> No
         model=model, optimizer=method.build_optimizer(model, LR, hp, WEIGHT_DECAY), config=config
     )
     access = ZeroParamAccess(engine, stage)
-    hook = ClipAndTransform(engine.module, access, method.gradient_transform(hp), MAX_NORM)
+    hook = ClipAndTransform(engine.module, access, transform, MAX_NORM) if transform else None
     share = GLOBAL_BATCH // WORLD
     rows = range(rank * share, (rank + 1) * share)
     micro = [{k: v[list(rows)[i : i + MICRO]] for k, v in train.items()}
              for i in range(0, share, MICRO)]  # fmt: skip
     for _ in range(STEPS):
-        for batch in micro:
-            micro_step(engine, batch, hook)
+        global_batch_step(engine, micro, kept_terms, hook)
     named = trainable_parameters(engine.module)
     partitioned = any(p.numel() == 0 for _, p in named)
     final = {n: access.read(p).cpu() for n, p in named}
@@ -139,23 +158,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("stage", "optimizer"), [(2, "precond_sgd"), (3, "precond_adamw")])
-def test_preconditioned_steps_under_zero_equal_one_device(tmp_path: Path, stage, optimizer):
-    pytest.importorskip("deepspeed")
+def _run_zero(tmp_path: Path, stage: int, optimizer: str, keep: str) -> dict:
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_zero_rank, args=(stage, optimizer, _free_port(), out), nprocs=WORLD, join=True)
+    args = (stage, optimizer, keep, _free_port(), out)
+    mp.spawn(_zero_rank, args=args, nprocs=WORLD, join=True)
     result = torch.load(out)
     assert result["partitioned"] == (stage == 3)  # ZeRO-3 really split the parameters
-    zero, reference = result["params"], _single_device(optimizer)
+    return result["params"]
+
+
+def _assert_equal_to_one_device(zero: dict, optimizer: str, keep: str) -> None:
+    reference = _single_device(optimizer, keep)
     assert set(zero) == set(reference) and any(".lora_A." in n for n in zero)
     initial = {n: p.detach() for n, p in _prepared(optimizer)[2].named_parameters()}
     for name, value in reference.items():
         assert not torch.allclose(value, initial[name])  # every trainable moved
         torch.testing.assert_close(zero[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "optimizer"), [(2, "precond_sgd"), (3, "precond_adamw")])
+def test_preconditioned_steps_under_zero_equal_one_device(tmp_path: Path, stage, optimizer):
+    pytest.importorskip("deepspeed")
+    zero = _run_zero(tmp_path, stage, optimizer, "even")
+    _assert_equal_to_one_device(zero, optimizer, "even")
     # The same tolerance tells the orders apart: DeepSpeed's (clip after the transform)
     # would have failed this test.
     other = _single_device(optimizer, transform_first=True)
     with pytest.raises(AssertionError):
         for name, value in other.items():
             torch.testing.assert_close(zero[name], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "optimizer"), [(3, "adamw"), (2, "precond_sgd")])
+def test_uneven_loss_terms_give_the_whole_batch_mean(tmp_path: Path, stage, optimizer):
+    """Micro-batches with 2, 2, 1 and 1 loss terms (a causal LM's labelled tokens vary so):
+    the ZeRO run equals one device's mean over the batch's terms, with DeepSpeed clipping
+    (adamw) or the harness's (precond_sgd)."""
+    pytest.importorskip("deepspeed")
+    zero = _run_zero(tmp_path, stage, optimizer, "uneven")
+    _assert_equal_to_one_device(zero, optimizer, "uneven")
