@@ -21,8 +21,9 @@ pipeline, method, sanity checks, evaluators, result row), distributed:
   after the rank-specific init batches; the row records a bitwise digest of the adapter per
   rank, and differing digests fail the trial);
 - training: `deepspeed.initialize` with the rendered ZeRO-2/3 config around the prepared
-  model and the method's own optimizer (LoRA+ param groups kept); the losses are averaged
-  over micro-batches and ranks before the divergence check, so every rank agrees; a
+  model and the method's own optimizer (LoRA+ param groups kept); each micro-batch's loss is
+  weighted by its share of the global batch's loss terms, so the gradient and the logged
+  loss are the whole batch's mean as on one device (`global_batch_step`); a
   method's gradient transform (LoRA-One's preconditioners) runs at the accumulation
   boundary on the assembled full gradients, after the harness clips them (`ClipAndTransform`:
   the single-device order; DeepSpeed's own clipping is then off, as it clips inside

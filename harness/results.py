@@ -125,7 +125,8 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     Failed and diverged runs never enter a mean; they are counted. An LR is eligible only
     if it has an ok run with finite selection and test scores for every seed the (method,
     task) was run with: a diverging, missing (interrupted) or NaN-scoring seed can neither
-    be hidden by dropping it nor let a noisier mean over fewer seeds win.
+    be hidden by dropping it nor let a noisier mean over fewer seeds win. A tie on the
+    selection mean goes to the smallest LR.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
