@@ -276,20 +276,36 @@ class RankShares:
 
     def init_batches(self, seed: int):
         """`ctx.init_batches` for data-informed inits: this rank's micro-batches of the
-        first n global batches (the estimator all-reduces sums and counts over ranks).
+        first n global batches (the estimator all-reduces sums and counts over ranks), as
+        `WeightedBatch`es weighted by their share of the global batch's loss terms x the
+        micro-batches per global batch - so the estimators' average over micro-batches is
+        the single-device average over whole batches, for token-level losses too.
 
         The random state is put back when the batches are used up: forward passes over
         different micro-batches draw different amounts of randomness (dropout masks of
         different shapes), and an init that draws after them (peft's LoRA-GA randomized SVD)
         would otherwise start from a different state on every rank.
         """
+        import torch.distributed as tdist
+
+        from methods.base import WeightedBatch
+
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
 
         def batches(n: int):
             saved = _rng_state()
             try:
                 for step in itertools.islice(self.steps(seed), n):
-                    for indices in step:
-                        yield self.collate(indices)
+                    micro = [WeightedBatch(self.collate(indices)) for indices in step]
+                    terms = [float(self.pipeline.loss_terms(b)) for b in micro]
+                    total = torch.tensor(sum(terms), dtype=torch.float64, device=self.device)
+                    if world > 1:
+                        tdist.all_reduce(total)  # every rank draws the same n global batches
+                    if float(total) <= 0:
+                        raise ValueError("an init batch has no loss terms (every label ignored)")
+                    for batch, count in zip(micro, terms, strict=True):
+                        batch.loss_weight = count * len(micro) * world / float(total)
+                        yield batch
             finally:
                 _set_rng_state(saved)
 

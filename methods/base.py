@@ -18,6 +18,20 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+class WeightedBatch(dict):
+    """A batch whose mean loss counts `loss_weight` times where an init averages over
+    batches. Distributed trials hand data-informed inits the micro-batches of each global
+    batch as these, weighted by their share of its loss terms (a causal LM's labelled
+    tokens), so the average over micro-batches equals the single-device average over whole
+    batches. `model(**batch)` sees only the tensors."""
+
+    loss_weight: float = 1.0
+
+
+def loss_weight(batch: Batch) -> float:
+    return getattr(batch, "loss_weight", 1.0)
+
+
 class Hyperparams(BaseModel):
     """Base for a method's hyperparameters; unknown keys are an error, not a silent no-op."""
 

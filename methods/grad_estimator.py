@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from methods.base import Batch
+from methods.base import Batch, loss_weight
 
 
 @dataclass
@@ -84,7 +84,9 @@ def layer_gradients(
         model.train()  # the first training step sees the model in training mode
         count = 0
         for batch in batches:
-            model(**batch).loss.backward()
+            loss = model(**batch).loss
+            weight = loss_weight(batch)  # a distributed micro-batch's share (WeightedBatch)
+            (loss * weight if weight != 1.0 else loss).backward()
             count += 1
         if count == 0:
             raise ValueError("the init batch iterator yielded no batch")

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from methods.base import Batch
+from methods.base import Batch, loss_weight
 from methods.grad_estimator import _distributed
 
 LossKind = Literal["auto", "mse", "ce", "bce", "causal_lm", "token_ce"]
@@ -584,7 +584,8 @@ def projected_gradients(
             for batch in batches:
                 fingerprints.append(batch_fingerprint(batch))
                 loss = model(**batch).loss
-                taps.backward(loss)
+                weight = loss_weight(batch)  # a distributed micro-batch's share (WeightedBatch)
+                taps.backward(loss * weight if weight != 1.0 else loss)
                 taps.finish_batch()
                 count += 1
                 del loss

@@ -199,3 +199,65 @@ def test_uneven_loss_terms_give_the_whole_batch_mean(tmp_path: Path, stage, opti
     pytest.importorskip("deepspeed")
     zero = _run_zero(tmp_path, stage, optimizer, "uneven")
     _assert_equal_to_one_device(zero, optimizer, "uneven")
+
+
+# ------------------------------------------------ data-informed init batches, token-weighted
+
+
+def _causal_pipeline():
+    from harness.pipelines import Pipeline, pad_causal_batch, target_tokens_in
+    from tasks.generative import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(16):  # answers of 1 to 12 labelled tokens: micro-batches differ a lot
+        prompt, answer = (int(v) for v in torch.randint(1, 13, (2,), generator=g))
+        ids = torch.randint(3, 20, (prompt + answer,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                     "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})  # fmt: skip
+    return Pipeline(None, rows, pad_causal_batch(0), {}, loss_terms=target_tokens_in)
+
+
+def _init_gradients(batches) -> dict[str, torch.Tensor]:
+    from methods.grad_estimator import layer_gradients
+    from methods.peft_lora import matching_linear_layers
+    from tests.test_generative import tiny_llama
+
+    model = tiny_llama(vocab=20)
+    layers = dict(matching_linear_layers(model, ["q_proj", "v_proj"], []))
+    grads = layer_gradients(model, layers, batches)
+    return {name: grads.pop_mean(name) for name in list(grads)}
+
+
+def _init_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from harness.deepspeed_config import batch_plan
+    from harness.distributed import RankShares
+
+    shares = RankShares(_causal_pipeline(), batch_plan(GLOBAL_BATCH, WORLD, MICRO), rank, "cpu")
+    weighted = _init_gradients(shares.init_batches(seed=1)(2))
+    unweighted = _init_gradients(dict(b) for b in shares.init_batches(seed=1)(2))
+    if rank == 0:
+        torch.save({"weighted": weighted, "unweighted": unweighted}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_init_gradient_equals_one_device_for_token_losses(tmp_path: Path):
+    """LoRA-GA / LoRA-One / LoRA-SB start from the mean init gradient: on 2 ranks x 2
+    micro-batches of a causal LM with uneven answer lengths it equals one device's mean over
+    the same whole batches; the plain mean over micro-batches would not."""
+    from itertools import islice
+
+    out = str(tmp_path / "init.pt")
+    mp.spawn(_init_rank, args=(_free_port(), out), nprocs=WORLD, join=True)
+    result = torch.load(out)
+    single = _init_gradients(islice(_causal_pipeline().batches(GLOBAL_BATCH, 1, "cpu"), 2))
+    assert set(single) == set(result["weighted"]) and single
+    for name, value in single.items():
+        torch.testing.assert_close(result["weighted"][name], value, atol=1e-6, rtol=1e-5)
+    gaps = [float((result["unweighted"][n] - v).norm() / v.norm()) for n, v in single.items()]
+    assert max(gaps) > 0.05, gaps
