@@ -614,6 +614,7 @@ def test_ranks_together_see_the_single_device_batches(rows, world, micro):
         train_rows=[{"idx": i} for i in range(rows)],
         collate=lambda rs: {"idx": torch.tensor([r["idx"] for r in rs])},
         evaluators={},
+        loss_terms=lambda b: len(b["idx"]),
     )
     single = [b["idx"].tolist() for b in islice(cycle(pipeline.loader(batch, seed)), steps)]
     assert all(len(b) == batch for b in single)  # the incomplete last batch is dropped
