@@ -632,8 +632,7 @@ class ClipAndTransform:
     def __call__(self) -> None:
         grads = {name: self.access.read_grad(p) for name, p in self.named}
         if self.max_grad_norm is not None:
-            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
-            total = torch.linalg.vector_norm(norms)
+            total = torch.nn.utils.get_total_norm(list(grads.values()))
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
             grads = {name: g * coef for name, g in grads.items()}
         params = {name: self.access.read(p) for name, p in self.named}

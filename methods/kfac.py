@@ -293,9 +293,9 @@ class _FrozenForward:
     (all restored after).
 
     Checkpointing (DeepSpeed trials enable it) re-runs each layer's forward inside the
-    backward; the taps would count those forwards, and the recomputed graph does not carry
-    the taps' zero leaves, so some outputs never see their gradient. The passes therefore
-    hold one un-checkpointed micro-batch of activations (no weight gradients).
+    backward, and the forward hooks would record those recomputations as more calls (the
+    activation statistics twice). The passes therefore hold one un-checkpointed
+    micro-batch of activations (no weight gradients).
     """
 
     def __init__(self, model: nn.Module, train: bool) -> None:

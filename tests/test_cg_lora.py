@@ -445,6 +445,30 @@ def test_projected_gradient_from_hooks_equals_autograd():
         torch.testing.assert_close(result.mean(n), u_s.T @ grad @ u_a, atol=1e-7, rtol=1e-5)
 
 
+def test_weighted_batches_scale_their_share_of_both_init_estimators():
+    """A distributed micro-batch (methods.base.WeightedBatch) counts `loss_weight` times in
+    the averaged init gradient, in the shared estimator and in CG-LoRA's projected pass."""
+    from methods.base import WeightedBatch
+    from methods.grad_estimator import layer_gradients
+
+    model = tiny_bert()
+    layers = {LAYER: model.get_submodule(LAYER)}
+    u_s = torch.linalg.qr(torch.randn(layers[LAYER].out_features, 4, dtype=torch.float64))[0]
+    u_a = torch.linalg.qr(torch.randn(layers[LAYER].in_features, 4, dtype=torch.float64))[0]
+    bases = {LAYER: (u_s, u_a)}
+    weighted = WeightedBatch(INIT[1])
+    weighted.loss_weight = 2.5
+    plain = [INIT[0], INIT[1]]
+    for estimate in (
+        lambda bs: layer_gradients(model, layers, iter(bs)).pop_sum(LAYER),
+        lambda bs: projected_gradients(model, layers, iter(bs), bases).sums[LAYER],
+    ):
+        parts = [estimate([b]).double() for b in plain]
+        expected = parts[0] + 2.5 * parts[1]
+        assert rel(estimate([INIT[0], weighted]).double(), expected) < 1e-5
+        assert rel(parts[0] + parts[1], expected) > 0.1  # the weight matters here
+
+
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
