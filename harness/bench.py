@@ -45,10 +45,9 @@ def bench_train_step(steps: int = 30, repeats: int = 5, method: str = "lora") ->
     torch.manual_seed(0)
     loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
     batch = _batch(loaded.tokenizer)
-    targets = default_target_modules(loaded.model_type)
-
     # Harness side: the registry method and the exact train_step the trials use.
     impl = methods.get_method(method)
+    targets = impl.family_target_modules(loaded.model_type)
     hp = impl.hyperparams({})
     ctx = methods.PrepareContext(head_modules=loaded.head_modules, default_target_modules=targets)
     harness_model = impl.prepare(copy.deepcopy(loaded.model), hp, ctx)
@@ -159,6 +158,7 @@ def bench_init_cost(init_batches: int = 8, step_samples: int = 10) -> dict[str, 
         hp = impl.hyperparams(overrides)
         fresh = copy.deepcopy(loaded.model)
         ctx = context()
+        ctx.default_target_modules = impl.family_target_modules(loaded.model_type)
         memory.reset_peak(device)
         before, _ = memory.peak_mb(device)
         started = time.perf_counter()

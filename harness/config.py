@@ -244,7 +244,9 @@ _LATER_OPTIONS = (("eval", "max_new_tokens"), ("budget", "schedule"))
 _LATER_FIELDS = ("distributed", "smoke")
 # What identifies a setting, resolved by the driver (harness/identity.py) before any trial.
 _IDENTITY_FIELDS = ("method_config", "protocol", "data_fingerprint")
-KEY_VERSION = 2
+# 3: the method config holds the target modules resolved from the model's family (a
+# family's default list is part of the run's identity); 2: resolved config, protocol, data.
+KEY_VERSION = 3
 
 
 class TrialSpec(BaseModel):
@@ -302,7 +304,9 @@ class TrialSpec(BaseModel):
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def _resolved_payload(self) -> dict[str, Any]:
+    def _resolved_payload(
+        self, version: int = KEY_VERSION, method_config: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if not self.resolved:
             raise ValueError(
                 "trial spec is not resolved (method_config/protocol/data_fingerprint unset); "
@@ -313,7 +317,9 @@ class TrialSpec(BaseModel):
         # setting, and a changed default is a different one.
         payload.pop("method_overrides")
         payload.update({name: getattr(self, name) for name in _IDENTITY_FIELDS})
-        payload["key_version"] = KEY_VERSION
+        if method_config is not None:
+            payload["method_config"] = method_config
+        payload["key_version"] = version
         return payload
 
     def key(self) -> str:
@@ -328,6 +334,12 @@ class TrialSpec(BaseModel):
         payload = self._resolved_payload()
         del payload["seed"], payload["lr"]
         return self._hash(payload)
+
+    def earlier_key(self, version: int, method_config: dict[str, Any]) -> str:
+        """The key this spec had under an earlier resolved version (2), given the method
+        config as that version resolved it (harness.identity works it out): recognises runs
+        recorded before a key change so they can be re-keyed, never run again."""
+        return self._hash(self._resolved_payload(version, method_config))
 
     def legacy_key(self) -> str:
         """Key version 1 (before the identity fields): hash of the unresolved spec. Used only
@@ -402,7 +414,9 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
     except Exception as err:  # noqa: BLE001 - any load failure is a config problem
         return [f"model {cfg.model.id!r} cannot be resolved: {err}"]
     for name, hp in valid_methods.items():
-        targets = getattr(hp, "target_modules", None) or structure.default_target_modules
+        targets = getattr(hp, "target_modules", None) or methods.get_method(
+            name
+        ).family_target_modules(structure.model_type)
         if getattr(hp, "target_modules", None) is None and not hasattr(hp, "rank"):
             continue  # methods without target modules (full fine-tuning)
         missing = [t for t in targets if not structure.matches(t)]

@@ -129,7 +129,6 @@ def estimate(
     """Per-rank estimate for `method` (registry id) with `overrides` on the model of `config`."""
     import methods
     from methods.peft_lora import matching_linear_layers
-    from methods.targets import default_target_modules
 
     if zero_stage not in (2, 3):
         raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
@@ -139,7 +138,7 @@ def estimate(
     total = sum(p.numel() for p in model.parameters())
     m = methods.get_method(method)
     hp = m.hyperparams(overrides or {})
-    targets = default_target_modules(config.model_type)
+    targets = m.family_target_modules(config.model_type)
     ctx = methods.PrepareContext(head_modules=[], default_target_modules=targets)
     trainable = m.expected_trainable_params(model, hp, ctx)
     target_keys = getattr(hp, "target_modules", None) or targets

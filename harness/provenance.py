@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "transformers", "peft", "ray", "datasets", "numpy", "scikit-learn")
+PACKAGES = (
+    "torch", "transformers", "peft", "deepspeed", "ray", "datasets", "numpy", "scikit-learn",
+)  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

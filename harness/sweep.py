@@ -120,9 +120,21 @@ def pending_specs(cfg: SweepConfig, out_dir: Path) -> tuple[list[TrialSpec], int
             f"protocol, data, model or budget) than this sweep:\n{shown}{more}\n"
             "Write to a new output_dir (nothing was run or changed)."
         )
+    versions = identity.version_conflicts(runs, specs, provenance.package_versions())
+    if versions:
+        raise ConfigError(
+            f"{out_dir / 'runs.parquet'} holds runs made with other package versions than "
+            "this environment, and one leaderboard row never mixes them:\n"
+            + "\n".join(f"  - {v}" for v in versions)
+            + "\nWrite to a new output_dir, or install the recorded versions (nothing was run "
+            "or changed)."
+        )
     if migrated:
         runs = write_runs(out_dir, runs)
-        print(f"re-keyed {migrated} runs recorded under key version 1 (same setting)", flush=True)
+        print(
+            f"re-keyed {migrated} runs recorded under an earlier key version (same setting)",
+            flush=True,
+        )
     finished = set(runs.loc[runs["status"] == "ok", "key"]) if len(runs) else set()
     todo = [s for s in specs if s.key() not in finished]
     return todo, len(specs) - len(todo)

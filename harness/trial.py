@@ -25,7 +25,6 @@ from harness.config import KEY_VERSION, TrialSpec
 from harness.models import resolve_model
 from harness.pipelines import build_pipeline
 from harness.train import Diverged, train
-from methods.targets import default_target_modules
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
 
@@ -97,6 +96,22 @@ def _check_identity(spec: TrialSpec, protocol: str, fingerprint: str) -> None:
             f"task {spec.task}: the data this worker read (fingerprint {fingerprint}) is not "
             f"what the sweep was keyed by ({spec.data_fingerprint}); the data changed or "
             "differs between nodes"
+        )
+
+
+def _check_method_config(spec: TrialSpec, resolved: dict[str, Any]) -> None:
+    """The worker must run the method config the driver keyed the run by (resolved from
+    this model's family: a worker on other code could otherwise adapt other modules)."""
+    if resolved != spec.method_config:
+        differ = sorted(
+            name
+            for name in {*resolved, *(spec.method_config or {})}
+            if resolved.get(name) != (spec.method_config or {}).get(name)
+        )
+        raise ValueError(
+            f"method {spec.method}: this worker resolves its config to {resolved} and the "
+            f"driver keyed the run by {spec.method_config} (differing: {', '.join(differ)}); "
+            "different code or model on driver and worker?"
         )
 
 
@@ -224,25 +239,34 @@ def prepare_method(
     trainable-parameter formula). Returns (method, hp, prepared model, probe). Shared by
     single-device and distributed trials (where `init_batches` yields this rank's share)."""
     method = methods.get_method(spec.method)
+    model_type = pipeline.loaded.model_type
+    resolved_here = identity.method_config(spec.method, spec.method_overrides, model_type)
+    _check_method_config(spec, resolved_here)
     hp = method.hyperparams(spec.method_overrides)
     model = pipeline.model
     ctx = methods.PrepareContext(
         head_modules=pipeline.loaded.head_modules,
-        default_target_modules=default_target_modules(pipeline.loaded.model_type),
+        default_target_modules=method.family_target_modules(model_type),
         init_batches=init_batches if method.needs_init_batches else None,
         learning_rate=spec.lr,
         train_examples=len(pipeline.train_rows),
         batch_size=spec.budget.batch_size,
+        total_steps=planned_steps(spec.budget, len(pipeline.train_rows)),
+        warmup_ratio=spec.budget.warmup_ratio,
         offload_statistics=offload_statistics,
     )
     expected_trainable = method.expected_trainable_params(model, hp, ctx)
-    row["method_config"] = json.dumps(method.resolved_config(hp, ctx), sort_keys=True, default=str)
+    resolved = method.resolved_config(hp, ctx)
+    row["method_config"] = json.dumps(resolved, sort_keys=True, default=str)
     probe = next(pipeline.batches(2, seed=0, device=device))  # fixed inputs for the checks
     base_outputs = sanity.outputs(model, probe)
     memory.reset_peak(device)
     init_started = time.perf_counter()
     model = method.prepare(model, hp, ctx)
     row["init_time_s"] = time.perf_counter() - init_started
+    if ctx.init_notes:  # what the init decided (e.g. layers it treated specially)
+        resolved["init_notes"] = ctx.init_notes
+        row["method_config"] = json.dumps(resolved, sort_keys=True, default=str)
     row["sanity_init"] = sanity.check_init(
         base_outputs, sanity.outputs(model, probe), method.starts_at_base(hp), dtype
     )

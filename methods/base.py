@@ -15,6 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from methods.targets import default_target_modules
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -49,9 +51,13 @@ class PrepareContext:
     init_batches: a callable returning an iterable of training batches, for methods with a
         data-informed initialisation (`Method.needs_init_batches`); it yields at most the
         number of batches the method asked for in `init_batches_wanted`.
-    learning_rate, train_examples, batch_size: the trial's training setup, for inits that
-        depend on it (LoRA-SB's simulated first step, "1/1000 of the training set").
+    learning_rate, train_examples, batch_size, total_steps, warmup_ratio: the trial's
+        training setup, for inits that depend on it (LoRA-SB's simulated first step,
+        "1/1000 of the training set").
     offload_statistics: keep init statistics (gradient accumulators) on the CPU.
+    init_notes: filled by `Method.prepare` with what its init decided and a result row must
+        show (JSON values; e.g. CG-LoRA's layers with a degenerate curvature factor). The
+        harness records them under `init_notes` in the row's method config.
     """
 
     head_modules: list[str]
@@ -60,9 +66,14 @@ class PrepareContext:
     learning_rate: float | None = None  # LoRA-SB simulates the first AdamW step with it
     train_examples: int | None = None  # so an init can use a fraction of the train set
     batch_size: int | None = None
+    # The trial's optimizer steps and warm-up ratio (LoRA-SB's first-step LR: official GLUE
+    # uses lr / (warmup_ratio x total_steps), the per-step increment of the linear warm-up).
+    total_steps: int | None = None
+    warmup_ratio: float | None = None
     # Data-informed inits keep their fp32 gradient accumulators in host memory (8B models).
     offload_statistics: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    init_notes: dict[str, Any] = field(default_factory=dict)
 
 
 class ParamAccess(Protocol):
@@ -160,6 +171,13 @@ class Method:
     # The data-informed init's passes keep the model's gradient checkpointing (False: they
     # switch it off, so they hold one micro-batch's full activations - CG-LoRA's K-FAC taps).
     init_keeps_gradient_checkpointing: ClassVar[bool] = True
+
+    def family_target_modules(self, model_type: str) -> list[str]:
+        """This method's default target modules for a model family (HF `model_type`), used
+        when its hyperparameters leave `target_modules` unset. The harness resolves them at
+        the driver into the run's method config, so they are part of the run's identity.
+        Override where the method's authors adapted other modules (e.g. LoRA-SB on GLUE)."""
+        return default_target_modules(model_type)
 
     def hyperparams(self, overrides: Mapping[str, Any] | None = None) -> Hyperparams:
         """Defaults merged with overrides, validated (raises pydantic.ValidationError)."""

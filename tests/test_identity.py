@@ -1,4 +1,5 @@
-"""Content keys (version 2): resolved defaults, protocol and data enter; old runs migrate."""
+"""Content keys (version 3): resolved defaults and family targets, protocol and data enter;
+old runs migrate; one setting never mixes package versions."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import methods
 import tasks
 from harness import identity
-from harness.config import Budget, ConfigError, EvalConfig, TrialSpec
+from harness.config import KEY_VERSION, Budget, ConfigError, EvalConfig, TrialSpec
 from harness.results import build_leaderboard, normalise_runs, read_runs, write_runs
 from harness.sweep import pending_specs
 from harness.trial import _check_identity
@@ -111,7 +112,8 @@ def _v1_row(s: TrialSpec, status: str = "ok", **changes) -> dict:
         "key": s.legacy_key(), "sweep": "t", "status": status, "method": s.method,
         "task": s.task, "seed": s.seed, "lr": s.lr, "protocol": s.protocol,
         "data_source": json.dumps(splits.provenance, default=str),
-        "method_config": json.dumps({**s.method_config, "target_modules": ["query"]}),
+        # what prepare recorded: the targets it resolved from the family
+        "method_config": json.dumps(s.method_config),
         "selection_score": 0.5, "test_score": 0.5, "git_commit": "old",
     }  # fmt: skip
     return {**row, **changes}
@@ -172,7 +174,8 @@ def test_sweep_refuses_an_output_dir_of_another_setting_and_changes_nothing(rte_
     todo, done = pending_specs(cfg, out)
     assert (todo, done) == ([], 1)
     runs = read_runs(out)
-    assert runs["key"].tolist() == [resolved.key()] and runs["key_version"].tolist() == [2]
+    assert runs["key"].tolist() == [resolved.key()]
+    assert runs["key_version"].tolist() == [KEY_VERSION]
 
 
 def test_leaderboard_never_averages_across_settings(rte_copy):
@@ -186,3 +189,135 @@ def test_leaderboard_never_averages_across_settings(rte_copy):
     ]  # fmt: skip
     with pytest.raises(ValueError, match="2 different settings"):
         build_leaderboard(normalise_runs(rows))
+
+
+# ------------------------------------------------------------ key version 3: family targets
+
+
+def test_family_default_targets_are_resolved_into_the_key(rte_copy, monkeypatch):
+    """Editing a family's default target list changes the key (it did not in version 2)."""
+    from methods import targets
+
+    before = one(spec(str(rte_copy)))
+    assert before.method_config["target_modules"] == targets.DEFAULT_TARGET_MODULES["bert"]
+    monkeypatch.setitem(targets.DEFAULT_TARGET_MODULES, "bert", ["query", "value"])
+    after = one(spec(str(rte_copy)))
+    assert after.method_config["target_modules"] == ["query", "value"]
+    assert after.key() != before.key() and after.setting_key() != before.setting_key()
+    # Explicit targets are the same setting whichever way they were written.
+    explicit = one(spec(str(rte_copy), overrides={"target_modules": ["query", "value"]}))
+    assert explicit.key() == after.key()
+
+
+def test_a_method_with_its_own_family_targets_resolves_them(rte_copy, monkeypatch):
+    lora = methods.get_method("lora")
+    monkeypatch.setattr(type(lora), "family_target_modules", lambda self, t: ["value"])
+    assert one(spec(str(rte_copy))).method_config["target_modules"] == ["value"]
+    # full fine-tuning has no target modules: nothing is added to its config
+    assert "target_modules" not in one(spec(str(rte_copy), method="full_ft")).method_config
+
+
+def test_worker_resolving_other_targets_than_the_driver_fails(rte_copy, monkeypatch):
+    """A worker whose family default differs (other code) must not run under the key."""
+    from harness.trial import _check_method_config
+    from methods import targets
+
+    s = one(spec(str(rte_copy)))
+    _check_method_config(s, identity.method_config("lora", {}, "bert"))  # the same: fine
+    monkeypatch.setitem(targets.DEFAULT_TARGET_MODULES, "bert", ["query"])
+    with pytest.raises(ValueError, match="differing: target_modules"):
+        _check_method_config(s, identity.method_config("lora", {}, "bert"))
+
+
+def _v2_row(s: TrialSpec, **changes) -> dict:
+    """A row as key version 2 recorded it: keyed with the family's targets unresolved."""
+    config = identity.v2_method_config(s)
+    row = _v1_row(s, key=s.earlier_key(2, config), key_version=2)
+    return {**row, **changes}
+
+
+def test_version2_runs_of_the_same_setting_are_rekeyed(rte_copy):
+    specs = identity.resolve([spec(str(rte_copy)), spec(str(rte_copy), method="full_ft")])
+    rows = [_v2_row(s) for s in specs]
+    assert rows[0]["key"] != specs[0].key()  # version 2 hashed targets=None
+    migrated, count = identity.migrate_runs(normalise_runs(rows), specs)
+    assert count == 2
+    assert list(migrated["key"]) == [s.key() for s in specs]
+    assert list(migrated["legacy_key"]) == [r["key"] for r in rows]
+    assert list(migrated["key_version"]) == [KEY_VERSION] * 2
+    assert identity.setting_conflicts(migrated, specs) == []
+
+
+def test_version2_runs_that_adapted_other_modules_are_a_conflict(rte_copy):
+    """The recorded targets prove the setting: a v2 row that ran other targets than the
+    family now resolves to is not re-keyed (the family default changed since)."""
+    (s,) = identity.resolve([spec(str(rte_copy))])
+    row = _v2_row(s, method_config=json.dumps({**s.method_config, "target_modules": ["query"]}))
+    migrated, count = identity.migrate_runs(normalise_runs([row]), [s])
+    assert count == 0 and migrated["key"].iloc[0] == row["key"]
+    assert identity.setting_conflicts(migrated, [s])
+
+
+def test_added_option_reads_old_rows_as_the_old_behaviour(rte_copy, monkeypatch):
+    """An option added after version 2: rows without it ran its legacy value, so a spec
+    at that value migrates them, and a spec at another value does not."""
+    lora = methods.get_method("lora")
+
+    class WithOption(lora.hyperparams_cls):
+        convention: str = "new"
+
+    monkeypatch.setattr(type(lora), "hyperparams_cls", WithOption)
+    monkeypatch.setitem(identity.FIELDS_ADDED_SINCE_V2, "lora", {"convention": "old"})
+    old, new = identity.resolve(
+        [spec(str(rte_copy), overrides={"convention": "old"}), spec(str(rte_copy))]
+    )
+    recorded = {k: v for k, v in old.method_config.items() if k != "convention"}
+    row = _v2_row(old, method_config=json.dumps(recorded))
+    assert identity.v2_method_config(new) is None  # version 2 never ran "new"
+    migrated, count = identity.migrate_runs(normalise_runs([row]), [old])
+    assert count == 1 and migrated["key"].iloc[0] == old.key()
+    migrated, count = identity.migrate_runs(normalise_runs([row]), [new])
+    assert count == 0
+
+
+# ------------------------------------------------------------ package versions
+
+
+def test_sweep_refuses_runs_of_other_package_versions_and_changes_nothing(rte_copy, tmp_path):
+    from harness import provenance
+    from harness.config import validate_config
+
+    cfg = validate_config({
+        "name": "t", "model": {"id": MINILM}, "tasks": ["glue/rte"],
+        "methods": {"lora": {"lrs": [1e-3, 2e-3]}}, "seeds": [0],
+        "budget": BUDGET.model_dump(), "output_dir": str(tmp_path / "out"),
+        "data_dir": str(rte_copy), "eval": {"batch_size": 8},
+    })  # fmt: skip
+    (s,) = identity.resolve([spec(str(rte_copy))])
+    here = provenance.package_versions()
+    row = {
+        "key": s.key(), "key_version": KEY_VERSION, "setting_key": s.setting_key(),
+        "status": "ok", "method": "lora", "task": "glue/rte", "seed": 0, "lr": 1e-3,
+        "packages": json.dumps(here),
+    }  # fmt: skip
+    out = tmp_path / "out"
+    write_runs(out, normalise_runs([row]))
+    todo, done = pending_specs(cfg, out)  # same versions: resumes
+    assert (len(todo), done) == (1, 1)
+    older = {**here, "transformers": "4.0.0"}
+    write_runs(out, normalise_runs([{**row, "packages": json.dumps(older)}]))
+    before = (out / "runs.parquet").read_bytes()
+    with pytest.raises(ConfigError, match=r"transformers \['4.0.0'\] \(here 5"):
+        pending_specs(cfg, out)
+    assert (out / "runs.parquet").read_bytes() == before
+    # A package that changes no number (ray) may differ.
+    write_runs(out, normalise_runs([{**row, "packages": json.dumps({**here, "ray": "1.0"})}]))
+    assert len(pending_specs(cfg, out)[0]) == 1
+
+
+def test_mixed_versions_ignore_unrecorded_and_absent_packages():
+    a = json.dumps({"torch": "2.13.0", "deepspeed": "absent"})
+    b = json.dumps({"torch": "2.13.0", "deepspeed": "0.19.8", "peft": "0.21.2"})
+    assert identity.mixed_versions([a, b]) == {}
+    c = json.dumps({"torch": "2.12.0"})
+    assert identity.mixed_versions([a, b, c]) == {"torch": {"2.12.0", "2.13.0"}}
