@@ -15,6 +15,29 @@ where a choice had to be made marked CHOICE.
    K-FAC-reduce's 1/R^2 on the input factor; per example here because lengths vary -
    with sum/sum, long sequences would weigh R^2 more). Computed by methods/kfac.py
    (float32, all-reduced).
+1b. Degenerate factors (CHOICE; not in the paper). Under softmax attention without rotary
+   embeddings (BERT, RoBERTa, T5 including cross-attention, ViT), adding one vector to all
+   of an example's keys leaves every softmax unchanged, so the key outputs' gradients sum to
+   exactly 0 over the tokens: the K-FAC-reduce S = E[(sum_t g_t)(sum_t g_t)^T] is 0 and what
+   is computed is round-off. The layer's true per-example Jacobian
+   sum_t g_t x_t^T = sum_t g_t (x_t - mean_t x_t)^T does not vanish, only its pooled
+   surrogate (sum_t g_t)(mean_t x_t)^T does; so Assumption 4.3 (ii) holds with S = 0, the
+   thin decomposition of S in Def. 4.4 is empty and the whitened gradient is undefined.
+   Whitening by the round-off instead (eig_rtol is relative to S's own top) moved B0 A0 of
+   the key layers by ~130% between a float32 and a float64 copy of one model. Detection:
+   `kfac.degenerate_factors`, the factor's pooled energy against the per-token energy of
+   the same pass (threshold 1e-3, reasoning and measured ratios there). Treatment: that
+   factor is replaced by the identity (U = I, L = 1; any c I gives the same init, steps 4-6
+   use only spans and eigenvalue ratios), i.e. the layer is whitened on its other side
+   only: Gw = G U_A L_A^{-1/2}, Bh = P_r. It says the pooled curvature carries no
+   information on that side, so no direction there is preferred. Rejected, measured:
+   K-FAC-expand (per-token rows for the layer's factors, the other approximation of the same
+   GGN; one more pass): the per-token key S of a tiny ViT has a tail at 1e-5 of its top that
+   amplifies float32 round-off of G, and its float32 and float64 inits differed by
+   0.8-1.4e-3 (identity: 6e-7; BERT, T5 keys: 3e-6 either way). A plain LoRA init for the
+   layer would drop its gradient information too. Flagged layers are recorded per run in
+   ctx.init_notes["degenerate_curvature"]. Rotary models (Llama) are not affected: the
+   position-dependent rotation breaks the invariance (ratio 0.15-0.23); nothing is flagged.
 2. Label-free g (App. B): squared loss - backpropagate Rademacher vectors from the outputs
    (E[g g^T] = J^T J); binary CE - the same weighted by sqrt(p(1-p)) (App. A.1's Lambda =
    diag(p(1-p))); multiclass CE - e = sqrt(p) * z - p (sqrt(p) . z), z ~ N(0, I), which the
@@ -103,7 +126,14 @@ import torch
 from peft import get_peft_model
 from pydantic import Field, model_validator
 
-from methods.kfac import Eigenspace, collect_kfac, projected_gradients, randomized_eigh
+from methods.kfac import (
+    DEGENERATE_POOLING_RATIO,
+    Eigenspace,
+    collect_kfac,
+    degenerate_factors,
+    projected_gradients,
+    randomized_eigh,
+)
 from methods.peft_lora import (
     LoraHyperparams,
     PeftLoraMethod,
@@ -113,6 +143,11 @@ from methods.peft_lora import (
 from methods.registry import register_method
 
 PAPER_INIT_EXAMPLES = 256  # "batch size 8, accumulated 32 times"
+DEGENERATE_TREATMENT = (
+    f"a K-FAC-reduce factor with pooled/per-token energy ratio < {DEGENERATE_POOLING_RATIO:g}"
+    " (attention keys without rotary embeddings) is replaced by the identity: no whitening"
+    " on that side (eigenbasis = all of R^d, equal eigenvalues); the other factor as usual"
+)
 
 
 class CgLoraHyperparams(LoraHyperparams):
@@ -154,6 +189,11 @@ class CgLoraHyperparams(LoraHyperparams):
         if self.eig_dim is not None and self.eig_dim < self.rank:
             raise ValueError(f"eig_dim {self.eig_dim} must be >= rank {self.rank}")
         return self
+
+
+def identity_space(dim: int) -> Eigenspace:
+    """The whole space with unit eigenvalues: a factor that does not whiten (step 1b)."""
+    return Eigenspace(torch.ones(dim, dtype=torch.float64), torch.eye(dim, dtype=torch.float64))
 
 
 @dataclass
@@ -263,12 +303,21 @@ class CgLora(PeftLoraMethod):
             samples=hp.hutchinson_samples,
             seed=hp.seed,
         )
+        flagged = degenerate_factors(curvature.factors)  # step 1b (module docstring)
+        if flagged:
+            ctx.init_notes["degenerate_curvature"] = {
+                name: ", ".join(f"{k}: pooled/per-token energy {r:.1e}" for k, r in low.items())
+                + " -> identity (not whitened)"
+                for name, low in flagged.items()
+            }
         sketch = torch.Generator().manual_seed(hp.seed)  # the same on every rank
         k = self.eig_dim(hp)
         spaces: dict[str, tuple[Eigenspace, Eigenspace]] = {}
         for name in layers:  # layer by layer, each factor's rows freed once decomposed
             factors = curvature.factors.pop(name)
-            spaces[name] = tuple(
+            # Decomposed even where degenerate (a few small products): the sketch stream,
+            # hence every other layer's init, is the same as without the treatment.
+            s_space, a_space = (
                 randomized_eigh(
                     f.matvec,
                     f.dim,
@@ -279,6 +328,11 @@ class CgLora(PeftLoraMethod):
                     rtol=hp.eig_rtol,
                 )
                 for f in (factors.s, factors.a_in)
+            )
+            low = flagged.get(name, {})
+            spaces[name] = (
+                identity_space(factors.s.dim) if "S" in low else s_space,
+                identity_space(factors.a_in.dim) if "A_in" in low else a_space,
             )
             del factors
         bases = {name: (s.vectors, a.vectors) for name, (s, a) in spaces.items()}
@@ -330,4 +384,5 @@ class CgLora(PeftLoraMethod):
             "scaling_s": hp.alpha / (math.sqrt(hp.rank) if hp.use_rslora else hp.rank),
             "balanced": "thin SVD of Bh M* Ah via Cholesky (paper Sec. 5.3), B0^T B0 = A0 A0^T",
             "pooling": "K-FAC-reduce: mean of inputs, sum of output grads, per example",
+            "degenerate_curvature": DEGENERATE_TREATMENT,
         }
