@@ -33,7 +33,13 @@ from harness.config import KEY_VERSION, ConfigError, TrialSpec
 # Hyperparameters added to a method after key version 2, with the value that reproduces
 # what that method did before the option existed: a row recorded without the field ran
 # that value, and a spec with that value resolves to the row's old key.
-FIELDS_ADDED_SINCE_V2: dict[str, dict[str, Any]] = {}
+# (Checked against a dump of every method's defaults at the last version-2 commit, 828682f.)
+FIELDS_ADDED_SINCE_V2: dict[str, dict[str, Any]] = {
+    # peft 0.21's convention, alpha/r scaling, whole batches; svd_niter is unused there.
+    "lora_ga": {"convention": "peft", "use_rslora": False, "init_examples": None, "svd_niter": 4},
+    "lora_one": {"use_rslora": False, "init_examples": None},
+    "lora_sb": {"init_unit": "batches", "init_eta_rule": "peak", "init_examples": None},
+}
 
 # Packages whose version can change a number; one setting's runs must agree on them.
 NUMERIC_PACKAGES = (

@@ -12,6 +12,14 @@ Presets (YAML under harness/configs/presets/, loaded like any sweep file):
   lr 1e-4, global batch 32 (the official code: batch 1 x 32 accumulation on one GPU). The
   paper's Table 8 did not survive text extraction; these are the official code's defaults.
 
+- `roberta-base-cglora-glue`: CG-LoRA Sec. 6.1 on RoBERTa-base GLUE (MNLI, SST-2, CoLA,
+  QNLI, MRPC) - AdamW, cosine schedule, 1 epoch, rsLoRA scaling for all methods, inits on
+  256 examples; CG-LoRA, LoRA-GA (official preset), LoRA-One (official preset), rsLoRA, full
+  FT. Rank, LR grids and batch size are lost in extraction (our choices, marked in the file).
+
+Method sections may name a method preset (`preset: official`, methods/presets.py): its
+values, with the section's `overrides` on top.
+
 Architecture cards: the published config.json dimensions of each preset's model, so the
 sweep can be validated and its per-rank memory estimated on the meta device with the hub
 out of reach (`write_config_folder` + `model_dir`). Parameter counts are the known totals.
@@ -32,6 +40,7 @@ PRESETS: dict[str, str] = {
     "gemma-2b-sds": "gemma_2b_sds.yaml",
     "mistral-7b-lorasb": "mistral_7b_lorasb.yaml",
     "gemma2-9b-lorasb": "gemma2_9b_lorasb.yaml",
+    "roberta-base-cglora-glue": "roberta_base_cglora_glue.yaml",
 }
 
 # config.json fields that determine the parameter shapes (rope, dropout etc. left default).

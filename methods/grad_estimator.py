@@ -15,14 +15,15 @@ all-reduced, so every rank computes the identical initialisation from all ranks'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from pydantic import Field, model_validator
 from torch import nn
 
-from methods.base import Batch, loss_weight
+from methods.base import Batch, Hyperparams, loss_weight
 
 
 @dataclass
@@ -105,3 +106,96 @@ def layer_gradients(
             tensor = sums[name]
             dist.all_reduce(tensor)
     return LayerGradients(sums={n: sums[n] for n in layers}, batches=int(total.item()))
+
+
+def _batch_size(batch: Batch) -> int:
+    for key in ("input_ids", "pixel_values", "labels"):
+        if key in batch and torch.is_tensor(batch[key]) and batch[key].ndim > 0:
+            return int(batch[key].shape[0])
+    return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+
+
+def example_batches(batches: Iterable[Batch], examples: int) -> Iterator[Batch]:
+    """Single-example batches: the first `examples` examples of `batches`, one per batch.
+
+    What the official LoRA-GA / LoRA-One code does (a DataLoader of batch size 1, 8
+    iterations): the estimate is the mean over examples of each example's mean-loss
+    gradient. Every tensor whose first dimension is the batch size is sliced (padding kept;
+    the attention mask hides it). Under torch.distributed the examples are split over the
+    ranks (rank i takes `examples // world` + 1 if i < `examples % world` from its own
+    share), so the all-reduced count is `examples`. Raises if the batches run out first.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    quota = examples // world + (1 if rank < examples % world else 0)
+    if quota == 0:
+        raise ValueError(f"{examples} init examples cannot be split over {world} processes")
+    source = iter(batches)
+    try:
+        yield from _take_examples(source, quota)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:  # a generator's cleanup (the distributed RNG restore) runs now
+            close()
+
+
+def _take_examples(batches: Iterator[Batch], quota: int) -> Iterator[Batch]:
+    taken = 0
+    for batch in batches:
+        n = _batch_size(batch)
+        for i in range(n):
+            if taken == quota:
+                return
+            yield {
+                k: v[i : i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
+                for k, v in batch.items()
+            }
+            taken += 1
+        if taken == quota:
+            return
+    raise ValueError(f"the init batches held {taken} examples, {quota} were asked for")
+
+
+def init_sample(
+    batches: Callable[[int], Iterable[Batch]],
+    examples: int | None,
+    n_batches: int | None,
+) -> Iterable[Batch]:
+    """What a data-informed init averages over: `examples` single-example batches (drawn
+    lazily from at most `examples` trial batches), else `n_batches` whole trial batches."""
+    if examples is not None:
+        return example_batches(batches(examples), examples)
+    if n_batches is None:
+        raise ValueError("set init_examples or init_batches")
+    return batches(n_batches)
+
+
+class InitSampleHyperparams(Hyperparams):
+    """How many examples a gradient-based init averages over (LoRA-GA, LoRA-One): by default
+    8 single-example batches, as both official codes (bsz 1 x iters 8); or whole batches."""
+
+    init_examples: int | None = Field(
+        8, gt=0, description="single-example batches G averages (official: bsz 1 x iters 8)"
+    )
+    init_batches: int | None = Field(
+        None, gt=0, description="instead: whole trial batches (set alone, it turns "
+        "init_examples off; the behaviour before init_examples existed)",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batches_replace_examples(cls, data):
+        if isinstance(data, dict) and data.get("init_batches") is not None:
+            data = {"init_examples": None, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_sample_size(self):
+        if (self.init_examples is None) == (self.init_batches is None):
+            raise ValueError("set exactly one of init_examples and init_batches")
+        return self
+
+    def trial_batches_wanted(self, batch_size: int | None) -> int:
+        """Trial batches the init reads: init_batches, or those holding init_examples."""
+        if self.init_batches is not None:
+            return self.init_batches
+        return -(-self.init_examples // (batch_size or 1))

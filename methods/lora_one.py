@@ -1,8 +1,12 @@
 """LoRA-One (Zhang et al. 2025, arXiv 2502.01235): spectral init from one full-gradient step.
 
-G = mean gradient over `init_batches` batches (official YuanheZ/LoRA-One: batch 1 x 8,
-fp32); svd_r(-G) = U_r S_r V_r^T; B0 = U_r S_r^(1/2) / sqrt(S_1), A0 = S_r^(1/2) V_r^T /
-sqrt(S_1) (S_1 the top singular value), then "stable" scaling divides both by sqrt(gamma)
+G = mean gradient over `init_examples` = 8 single-example batches (official
+YuanheZ/LoRA-One conf/init/gradient.yaml: bsz 1 x iters 8, fp32; `init_batches` = whole
+trial batches instead); scaling s = alpha/sqrt(r) (`use_rslora`, every official command sets
+peft.use_rslora=True); svd_r(-G) = U_r S_r V_r^T (exact; the official code uses
+torch.svd_lowrank(q = 512, niter = 16), `svd_niter` gives a randomized one);
+B0 = U_r S_r^(1/2) / sqrt(S_1), A0 = S_r^(1/2) V_r^T / sqrt(S_1) (S_1 the top singular
+value), then "stable" scaling divides both by sqrt(gamma)
 (official default 128). By default no weight offset:
 training starts at W0 + s B0 A0 = W0 - s/(gamma S_1) svd_r(G), a spectral approximation of
 one gradient step (`weight_shift: true` subtracts s B0 A0 from W0 instead, LoRA-GA style).
@@ -11,10 +15,11 @@ B0 and A0 are balanced (B0^T B0 = A0 A0^T).
 Optimizer: the official training uses AdamW (our default, `optimizer: adamw`). The paper's
 algorithm preconditions B's gradient by (A A^T + lambda I)^-1 and A's by
 (B^T B + lambda I)^-1; `precond_sgd` (the paper's algorithm) and `precond_adamw` apply these
-r x r damped preconditioners (damping = `precond_damping`) to the clipped gradients before
-an SGD / AdamW step - what peft's Riemannian optimizer does inside its `step()` (tested
-equal to it), but as a gradient transform on full tensors, so the same code also runs under
-ZeRO, whose optimizer only sees flat partitions of A and B.
+r x r damped preconditioners (damping = `precond_damping`, default 1e-6 = the official
+conf/model/llama.yaml `prec_reg`; peft's Riemannian optimizer defaults to 1e-2) to the
+clipped gradients before an SGD / AdamW step - what peft's Riemannian optimizer does inside
+its `step()` (tested equal to it), but as a gradient transform on full tensors, so the same
+code also runs under ZeRO, whose optimizer only sees flat partitions of A and B.
 The result is a plain peft LoRA adapter: it saves, loads and merges as one.
 """
 
@@ -27,7 +32,7 @@ from peft import get_peft_model
 from pydantic import Field
 
 from methods.base import GradientTransform
-from methods.grad_estimator import layer_gradients
+from methods.grad_estimator import InitSampleHyperparams, init_sample, layer_gradients
 from methods.lora_sb import truncated_svd
 from methods.peft_lora import (
     LoraHyperparams,
@@ -38,11 +43,15 @@ from methods.peft_lora import (
 from methods.registry import register_method
 
 
-class LoraOneHyperparams(LoraHyperparams):
-    init_batches: int = Field(8, gt=0, description="batches the one-step gradient averages")
+class LoraOneHyperparams(LoraHyperparams, InitSampleHyperparams):
+    use_rslora: bool = Field(
+        True, description="s = alpha/sqrt(r), as every official command; else alpha/r"
+    )
     stable_gamma: float = Field(128.0, gt=0, description="stable scaling gamma (official 128)")
     optimizer: Literal["adamw", "precond_sgd", "precond_adamw"] = "adamw"
-    precond_damping: float = Field(1e-2, gt=0, description="lambda in (X + lambda I)^-1")
+    precond_damping: float = Field(
+        1e-6, gt=0, description="lambda in (X + lambda I)^-1 (official prec_reg 1e-6)"
+    )
     svd_niter: int | None = Field(None, gt=0, description="randomized SVD iters; None = exact")
     weight_shift: bool = Field(
         False, description="W0 <- W0 - s B0 A0 so training starts at the base function"
@@ -64,16 +73,18 @@ class LoraOne(PeftLoraMethod):
     needs_init_batches = True
 
     def init_batches_wanted(self, hp, ctx=None):
-        return hp.init_batches
+        return hp.trial_batches_wanted(ctx.batch_size if ctx is not None else None)
+
+    def extra_lora_kwargs(self, hp: LoraOneHyperparams):
+        return {"use_rslora": hp.use_rslora}
 
     def prepare(self, model, hp: LoraOneHyperparams, ctx):
         if ctx.init_batches is None:
             raise ValueError("lora_one needs training batches for its one-step gradient")
         layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
         check_rank_fits(layers, hp.rank)
-        grads = layer_gradients(
-            model, layers, ctx.init_batches(hp.init_batches), offload=ctx.offload_statistics
-        )
+        sample = init_sample(ctx.init_batches, hp.init_examples, hp.init_batches)
+        grads = layer_gradients(model, layers, sample, offload=ctx.offload_statistics)
         factors = {
             name: lora_one_factors(grads.pop_mean(name), hp.rank, hp.stable_gamma, hp.svd_niter)
             for name in grads

@@ -1,8 +1,15 @@
 """LoRA-SB (Ponkshe et al. 2024, arXiv 2411.19557): LoRA-XS initialised from a simulated
 first full fine-tuning step.
 
-dW_avg = -eta * sign(sum_i dL_i/dW) over ~1/1000 of the training set (AdamW's first step is
-the gradient sign; eta = the training LR, as the official CERT-Lab/lora-sb code does);
+dW_avg = -eta * sign(sum_i dL_i/dW) over round(1/1000 x train rows) examples, one per
+forward/backward (the paper's 1/1000; the official arithmetic/commonsense scripts: 50 of 50K,
+170 of 170K; its GLUE script: 2, `init_examples: 2`). AdamW's first step is the gradient sign;
+eta = lr / (warmup_ratio x total steps), the official CERT-Lab/lora-sb `eff_lr` (the linear
+warm-up's per-step increment, our first step's LR up to rounding the warm-up step count), or
+the peak LR with `init_eta_rule: peak` or when the trial has no warm-up step (never above
+it). GLUE encoders
+(bert, roberta, xlm-roberta, deberta-v2) adapt the official targets: query, value,
+attention.output.dense, output.dense (`family_target_modules`);
 svd_r(dW_avg) = U_r S_r V_r^T; B = U_r, A = V_r^T (frozen, orthonormal), R = S_r / s (the
 only trainable part, r x r). No offset: training starts at W0 + s B R A, i.e. after the
 simulated first step. With orthonormal B and A the scaling s is immaterial (paper Thm 5),
@@ -12,12 +19,13 @@ so s = 1 by default. Gradient sums are all-reduced across ranks before the sign.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from methods.base import Hyperparams, Method, PrepareContext
-from methods.grad_estimator import layer_gradients
+from methods.grad_estimator import example_batches, layer_gradients
 from methods.lora_xs import inject, merge_and_unload
 from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
 from methods.registry import register_method
@@ -29,16 +37,46 @@ class LoraSbHyperparams(Hyperparams):
     init_fraction: float = Field(
         0.001, gt=0, le=1, description="fraction of the train set the gradient sum sees"
     )
+    init_unit: Literal["examples", "batches"] = Field(
+        "examples",
+        description="examples: round(fraction x train rows) examples (paper; official "
+        "arithmetic/CR scripts); batches: ceil(fraction x rows / batch) whole batches",
+    )
+    init_examples: int | None = Field(
+        None, gt=0, description="override: exact number of init examples (official GLUE: 2)"
+    )
     init_batches: int | None = Field(
-        None, gt=0, description="override: exact number of init batches (else from fraction)"
+        None, gt=0, description="override: exact number of whole init batches"
     )
     init_eta: float | None = Field(
-        None, gt=0, description="step size of the simulated first step (None = training LR)"
+        None, gt=0, description="step size of the simulated first step (None = by init_eta_rule)"
+    )
+    init_eta_rule: Literal["warmup_increment", "peak"] = Field(
+        "warmup_increment",
+        description="warmup_increment: lr / (warmup_ratio x total steps), the official eff_lr "
+        "(peak LR when the trial has no warm-up); peak: the training LR",
     )
     svd_niter: int | None = Field(
         None, gt=0, description="randomized SVD iterations; None = exact SVD"
     )
     target_modules: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_override(self):
+        if self.init_examples is not None and self.init_batches is not None:
+            raise ValueError("set at most one of init_examples and init_batches")
+        return self
+
+
+# The official GLUE targets (CERT-Lab/lora-sb models.py, RoBERTa): query, value and both
+# output projections; our encoder default also adapts key and intermediate.dense.
+_GLUE_TARGETS = ["query", "value", "attention.output.dense", "output.dense"]
+OFFICIAL_TARGETS: dict[str, list[str]] = {
+    "bert": _GLUE_TARGETS,
+    "roberta": _GLUE_TARGETS,
+    "xlm-roberta": _GLUE_TARGETS,
+    "deberta-v2": ["query_proj", "value_proj", "attention.output.dense", "output.dense"],
+}
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None):
@@ -56,30 +94,64 @@ class LoraSb(Method):
     hyperparams_cls = LoraSbHyperparams
     needs_init_batches = True
 
+    def family_target_modules(self, model_type: str) -> list[str]:
+        if model_type in OFFICIAL_TARGETS:
+            return list(OFFICIAL_TARGETS[model_type])
+        return super().family_target_modules(model_type)
+
     def targets(self, hp: LoraSbHyperparams, ctx: PrepareContext) -> list[str]:
         return list(hp.target_modules or ctx.default_target_modules)
 
+    def init_examples_used(self, hp: LoraSbHyperparams, ctx: PrepareContext | None) -> int | None:
+        """Examples the gradient sum sees (None: whole batches, `init_unit: batches`)."""
+        if hp.init_batches is not None:
+            return None
+        if hp.init_examples is not None:
+            return hp.init_examples
+        if hp.init_unit == "batches":
+            return None
+        if ctx is None or not ctx.train_examples:
+            return 1
+        return max(1, round(hp.init_fraction * ctx.train_examples))
+
     def init_batches_wanted(self, hp: LoraSbHyperparams, ctx: PrepareContext | None = None) -> int:
+        batch_size = (ctx.batch_size if ctx is not None else None) or 1
+        examples = self.init_examples_used(hp, ctx)
+        if examples is not None:
+            return -(-examples // batch_size)
         if hp.init_batches:
             return hp.init_batches
         if ctx is None or not ctx.train_examples or not ctx.batch_size:
             return 1
         return max(1, math.ceil(hp.init_fraction * ctx.train_examples / ctx.batch_size))
 
+    def eta(self, hp: LoraSbHyperparams, ctx: PrepareContext) -> float | None:
+        """Step size of the simulated first AdamW step."""
+        if hp.init_eta is not None:
+            return hp.init_eta
+        lr = ctx.learning_rate
+        if lr is None or hp.init_eta_rule == "peak":
+            return lr
+        warmup = (ctx.warmup_ratio or 0.0) * (ctx.total_steps or 0)
+        if round(warmup) >= 1:  # official eff_lr: lr / (warmup_ratio x total steps)
+            return min(lr, lr / warmup)
+        return lr  # no warm-up step (harness.train rounds ratio x T): the peak LR
+
     def prepare(self, model, hp: LoraSbHyperparams, ctx: PrepareContext):
         if ctx.init_batches is None:
             raise ValueError("lora_sb needs training batches for its first-step estimate")
-        eta = hp.init_eta or ctx.learning_rate
+        eta = self.eta(hp, ctx)
         if eta is None:
             raise ValueError("lora_sb needs init_eta or the training learning rate")
         layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
         check_rank_fits(layers, hp.rank)
-        grads = layer_gradients(
-            model,
-            layers,
-            ctx.init_batches(self.init_batches_wanted(hp, ctx)),
-            offload=ctx.offload_statistics,
+        examples = self.init_examples_used(hp, ctx)
+        sample = (
+            example_batches(ctx.init_batches(examples), examples)
+            if examples is not None
+            else ctx.init_batches(self.init_batches_wanted(hp, ctx))
         )
+        grads = layer_gradients(model, layers, sample, offload=ctx.offload_statistics)
         for p in model.parameters():
             p.requires_grad_(False)
         wrapped = inject(model, list(layers), hp.rank, hp.scaling)
@@ -111,5 +183,6 @@ class LoraSb(Method):
             **hp.model_dump(),
             "target_modules": self.targets(hp, ctx),
             "init_batches_used": self.init_batches_wanted(hp, ctx),
-            "init_eta_used": hp.init_eta or ctx.learning_rate,
+            "init_examples_used": self.init_examples_used(hp, ctx),
+            "init_eta_used": self.eta(hp, ctx),
         }

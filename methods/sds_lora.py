@@ -28,7 +28,10 @@ Training procedure (paper Sec. 3.3 "Training Procedure", Algorithm 1; our readin
   Warm-up: the phases span the whole run [1, T] (the paper's t and T are the global
   iteration and the total); no refresh fires at t <= T_w (there are no bases yet, and the
   reparameterisation after step T_w sets them). Phase 1 refreshes every step anyway, so
-  this only removes T_w of its T/K candidate refreshes. `refresh_interval` gives Table 7's
+  this only removes T_w of its T/K candidate refreshes. The refreshed fraction we report
+  is (refreshes after steps t > T_w) / T: 447/1000 = 0.447 at T = 1000, K = 5, T_w = 10
+  (0.448 if the reparameterisation at T_w is counted as one), against Table 7's 0.46 =
+  H_5/5, which counts every step of [1, T]. `refresh_interval` gives Table 7's
   uniform ablation schedule instead (every k-th step: fractions 1, 0.5, 0.33).
 - What a refresh does to the function: the paper keeps B and A and only replaces the bases,
   so the function changes by s (B dQ_A^T + dQ_B A): its Eq. 7 term "arising from the
@@ -105,7 +108,8 @@ class SdsLoraHyperparams(LoraHyperparams):
     )
     refresh_basis: Literal["procrustes", "qr"] = Field(
         "procrustes",
-        description="refreshed basis: closest to the old one (default) or plain QR (R_ii > 0)",
+        description="refreshed basis of the same subspace col(B) / row(A): closest to the "
+        "old one (default) or the paper's plain QR (R_ii > 0); they differ by a rotation only",
     )
 
 
@@ -489,10 +493,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 class SdsLora(Method):
     description = (
         "SDS-LoRA: W0 + s(B Q_A^T + Q_B A), orthonormal bases constant in backward; "
-        "LoRA warm-up, then phased basis refresh"
+        "LoRA warm-up, then phased basis refresh. Refresh basis default 'procrustes': the "
+        "same subspaces col(B), row(A) as the paper's QR, only the rotation within them "
+        "differs (kept closest to the old basis). Refresh fraction = refreshes after steps "
+        "t > T_w over T (warm-up excluded: 0.447 at T=1000, K=5, T_w=10; Table 7's H_K/K = "
+        "0.46 counts all T steps). ViT: q and v only, as the paper"
     )
     hyperparams_cls = SdsLoraHyperparams
     callbacks_support_zero = True  # the schedule goes through ParamAccess
+
+    def family_target_modules(self, model_type: str) -> list[str]:
+        if model_type == "vit":  # the paper adapts ViT's query and value projections only
+            return ["q_proj", "v_proj"]
+        return super().family_target_modules(model_type)
 
     def targets(self, hp: SdsLoraHyperparams, ctx: PrepareContext) -> list[str]:
         return list(hp.target_modules or ctx.default_target_modules)

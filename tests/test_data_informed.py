@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ def ctx(batches=INIT, lr=LR) -> methods.PrepareContext:
     return methods.PrepareContext(
         head_modules=HEAD,
         default_target_modules=TARGETS,
-        init_batches=lambda n: iter(batches[:n]),
+        init_batches=lambda n: itertools.islice(itertools.cycle(batches), n),
         learning_rate=lr,
         train_examples=1000,
         batch_size=2,
@@ -224,9 +225,7 @@ def _toy_lora_one(overrides: dict, seed: int = 4):
     g = torch.Generator().manual_seed(seed)
     data = [{"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}]
     method = methods.get_method("lora_one")
-    hp = method.hyperparams(
-        {"rank": 2, "init_batches": 1, "target_modules": ["fc1"], **overrides}
-    )
+    hp = method.hyperparams({"rank": 2, "init_batches": 1, "target_modules": ["fc1"], **overrides})
     toy_ctx = methods.PrepareContext(["fc2"], ["fc1"], init_batches=lambda n: iter(data))
     model = method.prepare(Toy(), hp, toy_ctx)
     step = {"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, generator=g)}
@@ -296,7 +295,8 @@ def test_default_optimizer_has_no_gradient_transform():
 def test_registered_with_paper_defaults(name):
     hp = methods.get_method(name).hyperparams({})
     if name == "lora_one":
-        assert hp.stable_gamma == 128 and hp.optimizer == "adamw" and hp.precond_damping == 1e-2
+        assert hp.stable_gamma == 128 and hp.optimizer == "adamw" and hp.precond_damping == 1e-6
+        assert hp.use_rslora and hp.init_examples == 8 and hp.init_batches is None
     else:
         assert hp.init_fraction == 0.001 and hp.scaling == 1.0
         assert methods.get_method(name).init_batches_wanted(hp, ctx()) == 1  # 1000 x 1e-3 / 2
@@ -356,3 +356,87 @@ def test_bf16_loaded_model_passes_the_init_check_at_bf16_tolerance(name):
     assert sanity.check_init(base, after, True, torch.bfloat16).startswith("identity")
     with pytest.raises(sanity.SanityError):
         sanity.check_init(base, after + 1.0 + base.abs().max(), True, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- init sample sizes, official
+
+
+def per_example_grads(batches, examples: int, name: str = LAYER) -> list[torch.Tensor]:
+    """Float64 per-example mean-loss gradients of the first `examples` examples."""
+    rows = [
+        {k: v[i : i + 1] for k, v in b.items()}
+        for b in itertools.islice(itertools.cycle(batches), examples)
+        for i in range(b["labels"].shape[0])
+    ][:examples]
+    grads = []
+    for row in rows:
+        model = tiny_bert().double().train()
+        model(**row).loss.backward()
+        grads.append(model.get_submodule(name).weight.grad.clone())
+    return grads
+
+
+def test_example_batches_yield_exactly_n_single_examples_and_refuse_too_few():
+    from methods.grad_estimator import example_batches
+
+    out = list(example_batches(iter(INIT), 5))
+    assert len(out) == 5 and all(b["input_ids"].shape[0] == 1 for b in out)
+    torch.testing.assert_close(out[2]["input_ids"], INIT[1]["input_ids"][:1])
+    torch.testing.assert_close(out[4]["labels"], INIT[2]["labels"][:1])
+    with pytest.raises(ValueError, match="held 6 examples, 7 were asked"):
+        list(example_batches(iter(INIT), 7))
+
+
+def test_lora_one_default_is_rslora_on_8_single_examples():
+    gamma, rank, alpha = 128.0, 4, 16.0
+    method = methods.get_method("lora_one")
+    model = method.prepare(tiny_bert(), method.hyperparams({"rank": rank}), ctx())
+    layer = model.base_model.model.get_submodule(LAYER)
+    s = layer.scaling["default"]
+    assert s == pytest.approx(alpha / rank**0.5)  # rsLoRA: sqrt(r) = 2x alpha/r here
+    g = torch.stack(per_example_grads(INIT, 8)).mean(0)  # 8 examples = the cycled 3 batches
+    u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    expected = -(s / (gamma * sv[0])) * (u[:, :rank] * sv[:rank]) @ vh[:rank]
+    b0, a0 = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+    torch.testing.assert_close((s * b0 @ a0).double(), expected, atol=1e-8, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("rule", "eta"), [("warmup_increment", LR / (0.06 * 100)), ("peak", LR)])
+def test_lora_sb_first_step_eta_and_init_examples_follow_the_official_code(rule, eta):
+    method = methods.get_method("lora_sb")
+    c = ctx()
+    c.total_steps, c.warmup_ratio, c.train_examples = 100, 0.06, 3000  # 1/1000 -> 3 examples
+    hp = method.hyperparams({"rank": 4, "init_eta_rule": rule})
+    assert method.eta(hp, c) == pytest.approx(eta)
+    assert method.init_examples_used(hp, c) == 3 and method.init_batches_wanted(hp, c) == 2
+    config = method.resolved_config(hp, c)
+    assert config["init_eta_used"] == pytest.approx(eta) and config["init_examples_used"] == 3
+    layer = method.prepare(tiny_bert(), hp, c).get_submodule(LAYER)
+    update = -eta * torch.sign(sum(per_example_grads(INIT, 3)))  # exactly 3 examples
+    u, sv, vh = torch.linalg.svd(update, full_matrices=False)
+    best = (u[:, :4] * sv[:4]) @ vh[:4]
+    torch.testing.assert_close(layer.delta_weight().double(), best, atol=1e-9, rtol=1e-4)
+    no_warmup = ctx()
+    no_warmup.total_steps, no_warmup.warmup_ratio = 100, 0.0
+    assert method.eta(hp, no_warmup) == LR  # no warm-up: the first step runs at the peak
+    no_warmup.total_steps, no_warmup.warmup_ratio = 3, 0.06  # 0.18 rounds to no warm-up step
+    assert method.eta(hp, no_warmup) == LR
+
+
+def test_lora_sb_legacy_whole_batches_and_glue_targets():
+    method = methods.get_method("lora_sb")
+    c = ctx()
+    c.train_examples, c.batch_size = 8551, 16  # CoLA at batch 16
+    legacy = method.hyperparams({"init_unit": "batches"})
+    assert method.init_examples_used(legacy, c) is None
+    assert method.init_batches_wanted(legacy, c) == 1  # 16 examples
+    assert method.init_examples_used(method.hyperparams({}), c) == 9  # round(8.551)
+    glue = ["query", "value", "attention.output.dense", "output.dense"]
+    for family in ("bert", "roberta", "xlm-roberta"):
+        assert method.family_target_modules(family) == glue
+    assert method.family_target_modules("deberta-v2")[:2] == ["query_proj", "value_proj"]
+    assert method.family_target_modules("llama") == methods.get_method(
+        "lora"
+    ).family_target_modules("llama")
+    layers = [n for n, _ in matching_linear_layers(tiny_bert(), glue, HEAD)]
+    assert len(layers) == 2 * 4  # q, v, attention out, FFN out per block; not key, FFN in

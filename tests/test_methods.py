@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import itertools
 import math
 import re
 
@@ -50,7 +51,8 @@ def ctx() -> methods.PrepareContext:
     return methods.PrepareContext(
         head_modules=HEAD,
         default_target_modules=TARGETS,
-        init_batches=lambda n: iter(INIT_BATCHES[:n]),
+        # Cycled, as the harness's loader: 8 single-example init batches need 4 of these.
+        init_batches=lambda n: itertools.islice(itertools.cycle(INIT_BATCHES), n),
         learning_rate=1e-3,
     )
 
@@ -191,9 +193,10 @@ def projector(rows: torch.Tensor) -> torch.Tensor:
     return q @ q.T
 
 
-def test_lora_ga_adapters_span_the_top_singular_subspaces_of_the_gradient():
+@pytest.mark.parametrize("convention", ["official", "peft"])
+def test_lora_ga_adapters_span_the_top_singular_subspaces_of_the_gradient(convention):
     gamma = 16.0
-    _, model, *_ = prepare("lora_ga", stable_gamma=gamma, init_batches=2)
+    _, model, *_ = prepare("lora_ga", stable_gamma=gamma, init_batches=2, convention=convention)
     # 2 batches x 2 examples x 4 tokens = 16 tokens: rank(G) <= 16 = peft's sketch size 4r,
     # so the randomized SVD is exact and subspaces can be compared tightly.
     g = exact_gradient(LAYER).double()
@@ -207,11 +210,18 @@ def test_lora_ga_adapters_span_the_top_singular_subspaces_of_the_gradient():
     torch.testing.assert_close(
         projector(b0.T), projector(u[:, RANK : 2 * RANK].T), atol=1e-5, rtol=0
     )
-    # Stable scaling: A0 rows orthonormal; B0 = U[:, r:2r] diag(S[r:2r]) m^(1/4)/sqrt(gamma).
-    torch.testing.assert_close(a0 @ a0.T, torch.eye(RANK, dtype=a0.dtype), atol=1e-5, rtol=0)
     m = g.shape[0]
-    expected_norms = s[RANK : 2 * RANK] * m**0.25 / math.sqrt(gamma)
-    torch.testing.assert_close(b0.norm(dim=0), expected_norms, atol=1e-6, rtol=1e-4)
+    zeta = m**0.25 / math.sqrt(gamma)
+    eye = torch.eye(RANK, dtype=a0.dtype)
+    if convention == "peft":
+        # peft 0.21: A0 rows orthonormal; B0 = U[:, r:2r] diag(S[r:2r]) m^(1/4)/sqrt(gamma).
+        torch.testing.assert_close(a0 @ a0.T, eye, atol=1e-5, rtol=0)
+        expected_norms = s[RANK : 2 * RANK] * zeta
+        torch.testing.assert_close(b0.norm(dim=0), expected_norms, atol=1e-6, rtol=1e-4)
+    else:
+        # Official: no S; both factors zeta x orthonormal.
+        torch.testing.assert_close(a0 @ a0.T, zeta**2 * eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b0.T @ b0, zeta**2 * eye, atol=1e-5, rtol=0)
 
 
 def test_lora_ga_offsets_W0_by_the_initial_product():
@@ -328,7 +338,9 @@ def test_resolved_config_fills_in_the_target_modules():
         assert custom["target_modules"] == ["key"]
     lora_ga = methods.get_method("lora_ga")
     config = lora_ga.resolved_config(lora_ga.hyperparams(), ctx())
-    assert "diag(S[r:2r])" in config["b_convention"]
+    assert config["b_convention"].startswith("official") and "diag(S" not in config["b_convention"]
+    peft_config = lora_ga.resolved_config(lora_ga.hyperparams({"convention": "peft"}), ctx())
+    assert "diag(S[r:2r])" in peft_config["b_convention"]
     assert lora_ga.init_batches_wanted(lora_ga.hyperparams({"init_batches": 3})) == 3
     lora = methods.get_method("lora")
     assert lora.init_batches_wanted(lora.hyperparams()) == 0
@@ -427,3 +439,182 @@ def test_real_minilm_targets_counts_and_lora_start():
     # head 384 x 2 + 2.
     assert trainable(model) == expected == 6 * 55296 + 770
     torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- LoRA-GA, official convention
+
+
+def official_lora_ga_port(grad: torch.Tensor, r: int, gamma: float, niter: int | None):
+    """Outsider565/LoRA-GA lora_ga_init (peft fork, tuners/lora/layer.py), re-typed: svd,
+    ArB2r, scale == "stable" on both factors. niter None: the exact SVD in its place."""
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(grad, full_matrices=False)  # noqa: N806 - as the original
+    else:
+        U, S, V = torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=niter)  # noqa: N806
+        Vh = V.T  # noqa: N806
+    B, A = U[:, r : 2 * r], Vh[:r, :]  # noqa: N806
+    m, n = grad.shape
+    B = B * m**0.25 / gamma**0.5  # noqa: N806
+    A = A * m**0.25 / gamma**0.5  # noqa: N806
+    return B, A
+
+
+@pytest.mark.parametrize("niter", [None, 4])
+def test_lora_ga_factors_equal_the_ported_official_formula(niter):
+    from methods.lora_ga import lora_ga_factors
+
+    torch.manual_seed(0)
+    grad = torch.randn(24, 20, dtype=torch.float64) @ torch.randn(20, 20, dtype=torch.float64)
+    torch.manual_seed(5)
+    b, a = lora_ga_factors(grad, 4, 16.0, "ArB2r", niter)
+    torch.manual_seed(5)  # svd_lowrank draws its sketch from the global RNG
+    b_ref, a_ref = official_lora_ga_port(grad, 4, 16.0, niter)
+    torch.testing.assert_close(b, b_ref, atol=0, rtol=0)
+    torch.testing.assert_close(a, a_ref, atol=0, rtol=0)
+
+
+def per_example_gradient(name: str, examples: int) -> torch.Tensor:
+    """Float64 reference: mean over the first `examples` examples of the (cycled) init
+    batches of each example's own mean-loss gradient, one forward/backward each."""
+    model = tiny_bert().double().train()
+    rows = [
+        {k: v[i : i + 1] for k, v in b.items()}
+        for b in itertools.islice(itertools.cycle(INIT_BATCHES), examples)
+        for i in range(b["labels"].shape[0])
+    ][:examples]
+    for row in rows:
+        model(**row).loss.backward()
+    return model.get_submodule(name).weight.grad / examples
+
+
+def test_lora_ga_default_is_the_official_init_on_8_single_examples():
+    gamma, alpha = 16.0, 16.0
+    base, model, method, hp, _ = prepare("lora_ga", svd_niter=None)
+    assert hp.convention == "official" and hp.use_rslora and hp.init_examples == 8
+    layer = lora_layer(model)
+    s = layer.scaling["default"]
+    assert s == pytest.approx(alpha / math.sqrt(RANK))  # rsLoRA, not alpha/r
+    g = per_example_gradient(LAYER, 8)
+    u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    assert (sv[: 2 * RANK - 1] - sv[1 : 2 * RANK]).min() > 1e-6 * sv[0]
+    b0 = layer.lora_B["default"].weight.detach().double()
+    a0 = layer.lora_A["default"].weight.detach().double()
+    zeta2 = g.shape[0] ** 0.5 / gamma
+    # Sign-invariant against the float64 exact SVD: B0 B0^T = zeta^2 U_{r:2r} U_{r:2r}^T,
+    # A0^T A0 = zeta^2 V_r V_r^T (no S anywhere; the stable factor on both).
+    torch.testing.assert_close(
+        b0 @ b0.T, zeta2 * u[:, RANK : 2 * RANK] @ u[:, RANK : 2 * RANK].T, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(a0.T @ a0, zeta2 * vh[:RANK].T @ vh[:RANK], atol=1e-5, rtol=0)
+    w0 = base.get_submodule(LAYER).weight.detach().double()
+    torch.testing.assert_close(
+        layer.base_layer.weight.detach().double() + s * b0 @ a0, w0, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-4, rtol=1e-4)
+    # ||s B0 A0||_F = s zeta^2 sqrt(r), the official size (peft's is ||G||-sized: far smaller).
+    assert (s * b0 @ a0).norm().item() == pytest.approx(s * zeta2 * math.sqrt(RANK), rel=1e-5)
+    _, peft_model, *_ = prepare("lora_ga", convention="peft", use_rslora=False, init_batches=8)
+    peft_layer = lora_layer(peft_model)
+    peft_delta = peft_layer.scaling["default"] * (
+        peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight
+    )
+    assert peft_delta.norm() < 1e-3 * (s * b0 @ a0).norm()
+
+
+def test_init_batches_alone_turns_init_examples_off_and_both_is_an_error():
+    method = methods.get_method("lora_ga")
+    hp = method.hyperparams({"init_batches": 4})
+    assert hp.init_examples is None and hp.init_batches == 4
+    with pytest.raises(ValidationError, match="exactly one"):
+        method.hyperparams({"init_batches": 4, "init_examples": 8})
+    with pytest.raises(ValidationError, match="exactly one"):
+        method.hyperparams({"init_examples": None})
+    assert method.init_batches_wanted(method.hyperparams(), ctx()) == 8  # batch size unknown
+    c = ctx()
+    c.batch_size = 3
+    assert method.init_batches_wanted(method.hyperparams(), c) == 3  # ceil(8 / 3)
+
+
+# ---------------------------------------------------------------- presets, defaults table
+
+
+def test_every_method_preset_validates_and_legacy_is_the_old_default():
+    from methods.presets import METHOD_PRESETS, preset_overrides
+
+    for name, presets in METHOD_PRESETS.items():
+        for preset in presets:
+            methods.get_method(name).hyperparams(preset_overrides(name, preset))
+    ga = methods.get_method("lora_ga").hyperparams(preset_overrides("lora_ga", "legacy"))
+    assert (ga.convention, ga.use_rslora, ga.init_batches, ga.init_examples) == (
+        "peft", False, 8, None,
+    )  # fmt: skip
+    one = methods.get_method("lora_one").hyperparams(preset_overrides("lora_one", "legacy"))
+    assert (one.use_rslora, one.precond_damping, one.init_batches) == (False, 1e-2, 8)
+    official = methods.get_method("lora_ga").hyperparams(preset_overrides("lora_ga", "official"))
+    assert official == methods.get_method("lora_ga").hyperparams({})  # the default is official
+    with pytest.raises(KeyError, match="no preset 'nope'"):
+        preset_overrides("lora_ga", "nope")
+
+
+def test_sweep_preset_key_expands_with_explicit_overrides_on_top():
+    from harness.config import ConfigError, validate_config
+    from tests.conftest import MINILM
+
+    raw = {
+        "name": "t", "model": {"id": MINILM}, "tasks": ["glue/sst2"], "seeds": [0],
+        "methods": {"lora_ga": {"lrs": [1e-3], "preset": "legacy",
+                                "overrides": {"rank": 2, "init_batches": 3}}},
+        "budget": {"max_steps": 2, "batch_size": 4, "max_length": 16}, "output_dir": "unused",
+    }  # fmt: skip
+    cfg = validate_config(copy.deepcopy(raw))
+    assert cfg.methods["lora_ga"].overrides == {
+        "convention": "peft", "use_rslora": False, "init_batches": 3, "rank": 2,
+    }  # fmt: skip
+    raw["methods"]["lora_ga"]["preset"] = "nope"
+    with pytest.raises(ConfigError, match="no preset 'nope'"):
+        validate_config(raw)
+
+
+def test_cg_lora_glue_preset_is_cosine_and_uses_the_official_presets():
+    import yaml
+
+    from harness.config import validate_config
+    from harness.presets import preset_path
+    from tests.conftest import MINILM
+
+    raw = yaml.safe_load(preset_path("roberta-base-cglora-glue").read_text())
+    assert raw["model"]["id"] == "FacebookAI/roberta-base"
+    raw["model"]["id"] = MINILM  # same module names (BERT family), available offline
+    cfg = validate_config(raw)
+    assert cfg.budget.schedule == "cosine" and cfg.budget.epochs == 1
+    ga = cfg.methods["lora_ga"].overrides
+    assert ga["convention"] == "official" and ga["init_examples"] == 256 and ga["rank"] == 8
+    assert cfg.methods["lora_one"].overrides["precond_damping"] == 1e-6
+    assert cfg.methods["cg_lora"].overrides["use_rslora"] is True
+
+
+def test_defaults_table_covers_every_method_and_matches_the_code():
+    from methods.defaults import DOC_PATH, ROWS, render_markdown
+
+    assert {row.method for row in ROWS} == set(methods.method_names())
+    for row in ROWS:
+        method = methods.get_method(row.method)
+        if row.kind == "hyperparameter":
+            fields = method.hyperparams_cls.model_fields
+            assert row.param in fields, (row.method, row.param)
+            assert method.hyperparams({}).model_dump()[row.param] == row.ours, row
+        elif row.kind == "targets":
+            assert method.family_target_modules(row.family) == row.ours, row
+        assert row.paper and row.official and row.why
+    assert DOC_PATH.read_text() == render_markdown()  # `python -m methods.defaults`
+
+
+def test_list_methods_verbose_renders_the_table(capsys):
+    from harness.cli import main
+
+    assert main(["list", "methods", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "precond_damping: ours 1e-06" in out and "convention: ours official" in out
+    assert "target_modules (vit): ours q_proj, v_proj" in out
+    assert main(["list", "methods"]) == 0
+    assert "precond_damping" not in capsys.readouterr().out

@@ -518,3 +518,16 @@ def test_a_trial_runs_end_to_end_with_warmup_and_refresh(mirror_dir, monkeypatch
     assert row["sanity_callbacks"].startswith("SdsSchedule step 2: function kept")
     config = json.loads(row["method_config"])
     assert config["scaling"] == pytest.approx(2.0) and config["warmup_steps"] == 2
+
+
+def test_vit_targets_are_query_and_value_and_the_refresh_fraction_excludes_warmup():
+    method = methods.get_method("sds_lora")
+    assert method.family_target_modules("vit") == ["q_proj", "v_proj"]  # paper Table 9
+    assert method.family_target_modules("llama") == methods.get_method(
+        "lora"
+    ).family_target_modules("llama")
+    from methods.sds_lora import refresh_steps
+
+    # The documented definition: refreshes after steps t > T_w, over T.
+    assert len(refresh_steps(1000, 5, 10)) == 447
+    assert "0.447" in method.description and "procrustes" in method.description
