@@ -24,7 +24,9 @@ from methods import (  # noqa: E402,F401
     lora_one,
     lora_plus,
     lora_sb,
+    lora_xs,
     pissa,
     rslora,
+    scaled_adamw,
     sds_lora,
 )

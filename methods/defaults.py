@@ -187,6 +187,45 @@ ROWS: list[Row] = [
         family="vit"),
     Row("sds_lora", "schedule", "cosine (Tables 9, 10)", _NO_CODE,
         "cosine in presets llama3-8b-sds, gemma-2b-sds", "-", kind="setting"),
+    # ------------------------------------------------------------------ lora_xs
+    Row("lora_xs", "rank", "8 / 16 / 24 (LoRA-SB Table 3, GLUE)",
+        "4, 8, 12, 16, 20, 25 swept (MohammadrezaBanaei/LoRA-XS scripts/run_glue.py)", 8,
+        "LoRA-SB Table 3's smallest (61.07 CoLA at r = 8)"),
+    Row("lora_xs", "alpha", "-",
+        "16, s = alpha / r (main_glue.py ModelArguments.lora_alpha; peft LoraConfig)", 16.0,
+        "-"),
+    Row("lora_xs", "init_std", "R small random",
+        "N(0, 1e-5^2) (utils/initialization_utils.py init_module_weights sigma=0.00001)", 1e-5,
+        "official; 0 gives R = 0, the base function exactly"),
+    Row("lora_xs", "B, A from W0", "B = U_r S_r, A = V_r^T (LoRA-SB Sec. 2.6 on LoRA-XS)",
+        "B = U_r, A = S_r V_r^T (utils/initialization_utils.py: SVD of W0^T, encoder U'S; "
+        "config/loraxs_config.yaml svd_on_w, top)", "B = U_r, A = S_r V_r^T (exact SVD)",
+        "official split (same B A = svd_r(W0)); random / svd_on_random / bottom not "
+        "implemented", kind="setting"),
+    Row("lora_xs", "target_modules", "-",
+        "query, value, attention.output.dense, output.dense (main_glue.py LoraConfig)",
+        ["query", "value", "attention.output.dense", "output.dense"],
+        "official on GLUE encoders (as lora_sb)", kind="targets", family="roberta"),
+    Row("lora_xs", "classifier learning rate", "-",
+        "own cls_learning_rate 5e-4 / 1e-3 / 5e-3 swept; torch AdamW weight decay 0.01 "
+        "(main_glue.py, scripts/run_glue.py)", "one LR for R and the head; budget's decay",
+        "the harness sweeps one LR per method", kind="setting"),
+    # ------------------------------------------------------------------ scaled_adamw
+    Row("scaled_adamw", "precond_damping", "lambda of (X + lambda I)^-1 (Zhang & Pilanci)",
+        "1e-6 (pilancilab/Riemannian_Preconditioned_LoRA Mistral-7B/mistral/"
+        "custom_optimizer.py AdamWr optimizer_reg); peft create_riemannian_optimizer reg 1e-2",
+        1e-6, "official, as lora_one's precond_damping; precond_damping: 0.01 gives peft's"),
+    Row("scaled_adamw", "use_rslora", "rsLoRA + ScaledAdamW (SDS-LoRA Table 4)",
+        "plain LoRA alpha / r (loralib in the official repo)", False,
+        "plain LoRA; use_rslora: true, alpha: 4 reproduces the SDS-LoRA Table 4 row"),
+    Row("scaled_adamw", "alpha", "4 (SDS-LoRA, rsLoRA-style)", "8 (peft LoraConfig.lora_alpha)",
+        16.0, "one alpha shared by the LoRA family"),
+    Row("scaled_adamw", "AdamW variant", "AdamW on preconditioned gradients",
+        "AdamWr: correct_bias=False, eps 1e-6, decay after the step, g_B preconditioned with "
+        "the already-updated A (custom_optimizer.py)",
+        "torch AdamW (bias-corrected, eps 1e-8) after simultaneous preconditioning",
+        "peft's formulation (tested equal to create_riemannian_optimizer); a gradient "
+        "transform, so it also runs under ZeRO", kind="setting"),
 ]  # fmt: skip
 
 

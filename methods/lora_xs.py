@@ -1,19 +1,55 @@
-"""The LoRA-XS parameterisation W = W0 + s B R A (B, A frozen; only the r x r R trains).
+"""The LoRA-XS parameterisation W = W0 + s B R A (B, A frozen; only the r x r R trains),
+and the `lora_xs` method (Balazy et al. 2024, arXiv 2405.17604), the baseline LoRA-SB
+Table 3 compares (rank 8: 61.07 CoLA MCC on RoBERTa-large).
 
-A plug-in adapter that saves and loads like a peft adapter: `save_adapter(model, dir)`
+The adapter: a plug-in that saves and loads like a peft adapter: `save_adapter(model, dir)`
 writes `adapter_config.json` + `adapter_model.safetensors` (only B, R, A per layer),
 `load_adapter(base_model, dir)` re-injects it, `merge_and_unload(model)` folds
-s B R A into the base weights and returns plain `nn.Linear` layers.
+s B R A into the base weights and returns plain `nn.Linear` layers. LoRA-SB
+(methods/lora_sb.py) fills the same adapter from its simulated first step; `lora_xs` fills it
+from the pretrained weight.
+
+The `lora_xs` init follows the official MohammadrezaBanaei/LoRA-XS code
+(utils/initialization_utils.py `get_svd_replacement_module` + `find_and_initialize`,
+config/loraxs_config.yaml `init_type: svd_on_w`, `retain_part: top`; forward and merge in
+utils/latent_utils.py `forward_latent` / `merge_latent`). That code takes the SVD of W0^T
+(in x out) = U' S V'^T and sets the encoder to (U' S)[:, :r], the decoder to V'^T[:r]; in
+terms of W0 (out x in) = U S V^T that is
+
+    B = U_r            (out x r, orthonormal, frozen; peft lora_B),
+    A = S_r V_r^T      (r x in, carries the singular values, frozen; peft lora_A),
+
+so B A = U_r S_r V_r^T, the best rank-r approximation of W0 (Eckart-Young), with S on A's
+side (the paper's text says B = U S, A = V^T; the product is the same, the split is not,
+and only the official split is implemented). R (`default_lora_latent_mapping`, an r x r
+nn.Linear without bias) is drawn from N(0, sigma^2), sigma = 1e-5 (`init_module_weights(...,
+sigma=0.00001)`), so training starts 1e-5-close to, not exactly at, W0 (no weight offset is
+subtracted: W0 stays as it is). The scaling is peft's default s = lora_alpha / r with the
+official GLUE default lora_alpha = 16 (main_glue.py `ModelArguments.lora_alpha`; no
+use_rslora). The SVD is exact (torch.linalg.svd, as the official code), in at least fp32.
+
+Deviations from the official GLUE script: one learning rate for R and the task head (it
+gives the classifier its own `cls_learning_rate`), the harness's AdamW weight decay (the
+official torch.optim.AdamW(...) call keeps torch's default 0.01) and schedule; the other
+official init types (`random`, `svd_on_random`, `retain_part: bottom`) are not implemented.
+Default targets on GLUE encoders: the official query, value, attention.output.dense,
+output.dense (main_glue.py LoraConfig.target_modules; the same list as LoRA-SB's).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from methods.base import Hyperparams, Method, PrepareContext
+from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
+from methods.registry import register_method
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -118,3 +154,80 @@ def merge_wrapped(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """W0 <- W0 + s B R A for every adapted layer; the wrappers are replaced by their base."""
     return merge_wrapped(model, adapter_layers(model))
+
+
+# ---------------------------------------------------------------- the `lora_xs` method
+
+
+class LoraXsHyperparams(Hyperparams):
+    rank: int = Field(8, gt=0, description="r; R is r x r (LoRA-SB Table 3: 8/16/24)")
+    alpha: float = Field(16.0, gt=0, description="s = alpha / r (official lora_alpha 16)")
+    init_std: float = Field(
+        1e-5, ge=0, description="R ~ N(0, init_std^2) (official sigma 1e-5); 0 = R = 0"
+    )
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
+def lora_xs_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_r, S_r V_r^T) of W0 = U S V^T: the official split, B A = svd_r(W0)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    u, s, vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
+    return u[:, :rank], s[:rank, None] * vh[:rank]
+
+
+@register_method("lora_xs")
+class LoraXs(Method):
+    description = "LoRA-XS: W0 + s B R A, B A = top-r SVD of W0 (frozen), only r x r R trains"
+    hyperparams_cls = LoraXsHyperparams
+
+    def family_target_modules(self, model_type: str) -> list[str]:
+        from methods.lora_sb import OFFICIAL_TARGETS  # lora_sb imports this module
+
+        if model_type in OFFICIAL_TARGETS:
+            return list(OFFICIAL_TARGETS[model_type])
+        return super().family_target_modules(model_type)
+
+    def targets(self, hp: LoraXsHyperparams, ctx: PrepareContext) -> list[str]:
+        return list(hp.target_modules or ctx.default_target_modules)
+
+    def scaling(self, hp: LoraXsHyperparams) -> float:
+        return hp.alpha / hp.rank
+
+    def prepare(self, model: nn.Module, hp: LoraXsHyperparams, ctx: PrepareContext) -> nn.Module:
+        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
+        check_rank_fits(layers, hp.rank)
+        factors = {name: lora_xs_factors(layer.weight, hp.rank) for name, layer in layers.items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrapped = inject(model, list(layers), hp.rank, self.scaling(hp))
+        with torch.no_grad():
+            for name, (b, a) in factors.items():
+                layer = wrapped[name]
+                layer.lora_B.copy_(b)
+                layer.lora_A.copy_(a)
+                if hp.init_std > 0:
+                    nn.init.normal_(layer.lora_R, mean=0.0, std=hp.init_std)
+        for head in ctx.head_modules:
+            for p in model.get_submodule(head).parameters():
+                p.requires_grad_(True)
+        return model
+
+    def starts_at_base(self, hp: LoraXsHyperparams) -> bool:
+        # R = 0 gives W0 exactly; the official R ~ N(0, 1e-10) moves the outputs by a little.
+        return hp.init_std == 0
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_and_unload(model)
+
+    def expected_trainable_params(
+        self, base_model: nn.Module, hp: LoraXsHyperparams, ctx: PrepareContext
+    ) -> int:
+        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
+        return len(layers) * hp.rank**2 + head_param_count(base_model, ctx.head_modules)
+
+    def resolved_config(self, hp: LoraXsHyperparams, ctx: PrepareContext) -> dict[str, Any]:
+        return {
+            **hp.model_dump(),
+            "target_modules": self.targets(hp, ctx),
+            "scaling_used": self.scaling(hp),
+        }
