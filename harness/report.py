@@ -1,7 +1,12 @@
 """A static report of one output directory, from its Parquet files alone.
 
-`write_report(out_dir)` reads `<out>/runs.parquet` and `<out>/leaderboard.parquet` (the
-leaderboard is rebuilt from runs.parquet when only that exists) and writes
+`write_report(out_dir)` reads `<out>/runs.parquet` (with rows not yet compacted from the
+journal, `harness.results.read_runs`) and `<out>/leaderboard.parquet`. The leaderboard is a
+function of the runs: leaderboard.parquet is used only when it agrees with a rebuild from
+the runs on every row (methods, tasks, run/seed/failure counts, chosen LR, means, stds);
+otherwise (stale: written before a seed was appended, or edited) the report uses the
+rebuilt one and says so. Without runs.parquet, leaderboard.parquet is shown as it is. It
+writes
 `<out>/report/index.html` (self-contained: inline CSS, plots as base64 PNG, no script, no
 network fetch) and `<out>/report/report.md` with the same plots as PNG files beside it.
 
@@ -28,7 +33,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.results import LEADERBOARD_FILE, RUNS_FILE, build_leaderboard
+from harness.results import (
+    LEADERBOARD_FILE,
+    RUNS_FILE,
+    ResultsError,
+    build_leaderboard,
+    has_runs,
+    leaderboard_warnings,
+    read_parquet_file,
+    read_runs,
+    write_files_atomically,
+)
 
 REPORT_DIR = "report"
 HTML_FILE = "index.html"
@@ -162,16 +177,63 @@ class Section:
 
 
 # -- data -----------------------------------------------------------------------------------
-def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    runs_path, board_path = out / RUNS_FILE, out / LEADERBOARD_FILE
-    if not runs_path.is_file() and not board_path.is_file():
+# What a stored leaderboard must agree on with a rebuild from the runs to be used as it is.
+CONSISTENCY_COLUMNS = (
+    "n_runs", "n_failed", "n_diverged", "n_seeds", "seeds", "chosen_lr", "test_mean",
+    "test_std", "selection_mean",
+)  # fmt: skip
+
+
+def leaderboard_is_current(stored: pd.DataFrame, fresh: pd.DataFrame) -> bool:
+    """Whether `stored` has the rows and numbers a rebuild from the runs (`fresh`) has."""
+    if len(stored) != len(fresh) or not {"method", "task"} <= set(stored.columns):
+        return False
+    a = stored.set_index(["method", "task"]).sort_index()
+    b = fresh.set_index(["method", "task"]).sort_index()
+    if not a.index.equals(b.index):
+        return False
+    for col in CONSISTENCY_COLUMNS:
+        if col not in a.columns:
+            if col in ("n_seeds", "test_mean"):
+                return False
+            continue
+        x, y = a[col], b[col]
+        if col == "seeds":
+            if not (x.astype("string").fillna("") == y.astype("string").fillna("")).all():
+                return False
+            continue
+        x = pd.to_numeric(x, errors="coerce").to_numpy(float)
+        y = pd.to_numeric(y, errors="coerce").to_numpy(float)
+        if not np.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True):
+            return False
+    return True
+
+
+def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(runs, leaderboard, notes); ResultsError for unreadable or inconsistent files."""
+    runs_there, board_path = has_runs(out), out / LEADERBOARD_FILE
+    if not runs_there and not board_path.is_file():
         raise FileNotFoundError(f"neither {RUNS_FILE} nor {LEADERBOARD_FILE} in {out}")
-    runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
-    if board_path.is_file():
-        board = pd.read_parquet(board_path)
+    stored = read_parquet_file(board_path)
+    if not runs_there:
+        return pd.DataFrame(), stored, []
+    runs = read_runs(out)
+    quick = build_leaderboard(runs, compare=False)  # no bootstrap: cheap
+    if stored is not None and leaderboard_is_current(stored, quick):
+        board, notes = stored, []
     else:
         board = build_leaderboard(runs)
-    return runs, board
+        notes = (
+            [
+                f"{LEADERBOARD_FILE} is out of date with {RUNS_FILE} (its rows or numbers "
+                "differ from a rebuild, e.g. runs were appended after it was written); this "
+                f"report uses a leaderboard rebuilt from {RUNS_FILE}. `harness leaderboard "
+                f"{out}` updates the file."
+            ]
+            if stored is not None
+            else []
+        )
+    return runs, board, notes + leaderboard_warnings(board)
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:
@@ -671,7 +733,9 @@ def _provenance_section(runs: pd.DataFrame, board: pd.DataFrame) -> Section:
     return Section("Provenance", blocks)
 
 
-def _build_sections(runs: pd.DataFrame, board: pd.DataFrame) -> tuple[str, list[Section]]:
+def _build_sections(
+    runs: pd.DataFrame, board: pd.DataFrame, notes: list[str] | None = None
+) -> tuple[str, list[Section]]:
     sweep = ", ".join(_unique_str(_col(runs if not runs.empty else board, "sweep"))) or "sweep"
     tasks = list(dict.fromkeys(str(t) for t in board["task"])) if len(board) else []
     methods = sorted({str(m) for m in board["method"]}) if len(board) else []
@@ -700,6 +764,7 @@ def _build_sections(runs: pd.DataFrame, board: pd.DataFrame) -> tuple[str, list[
     sources = _unique_str(_col(src, "data_source")) + _unique_str(_col(src, "protocol"))
     flags += _data_flags(_unique_str(_col(src, "data_kind")), sources)
     summary += [("warn", f) for f in flags]
+    summary += [("warn", n) for n in notes or []]
     protocols = _unique_str(_col(src, "protocol"))
     if protocols:
         summary.append(
@@ -838,20 +903,36 @@ def _render_md(title: str, sections: list[Section]) -> str:
 
 
 def write_report(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `<out>/report/index.html` and `<out>/report/report.md` (+ PNGs); return both paths."""
+    """Write `<out>/report/index.html` and `<out>/report/report.md` (+ PNGs); return both paths.
+
+    Every file is staged before any is replaced: on an error (ResultsError, one line) no
+    existing report file has been changed."""
     out = Path(out_dir)
-    runs, board = _read(out)
-    sweep, sections = _build_sections(runs, board)
+    runs, board, notes = _read(out)
+    sweep, sections = _build_sections(runs, board, notes)
     title = f"Report: {sweep} ({out.name})"
     report = out / REPORT_DIR
-    report.mkdir(parents=True, exist_ok=True)
-    for old in report.glob(f"{FIG_PREFIX}*.png"):  # figures of a previous report
-        old.unlink()
-    for s in sections:
-        for kind, item in s.blocks:
-            if kind == "fig":
-                (report / item.name).write_bytes(item.png)
     html_path, md_path = report / HTML_FILE, report / MD_FILE
-    html_path.write_text(_render_html(title, sections), encoding="utf-8")
-    md_path.write_text(_render_md(title, sections), encoding="utf-8")
+    files = [
+        (report / item.name, lambda f, png=item.png: f.write(png))
+        for s in sections
+        for kind, item in s.blocks
+        if kind == "fig"
+    ]
+    html_text = _render_html(title, sections).encode("utf-8")
+    md_text = _render_md(title, sections).encode("utf-8")
+    files += [(html_path, lambda f: f.write(html_text)), (md_path, lambda f: f.write(md_text))]
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+        write_files_atomically(files)
+        new = {path.name for path, _ in files}
+        for old in report.glob(f"{FIG_PREFIX}*.png"):  # figures of a previous report
+            if old.name not in new:
+                old.unlink()
+    except OSError as err:
+        raise ResultsError(
+            f"cannot write the report in {report}: {err.strerror or err}"
+            + (f" ({err.filename})" if err.filename else "")
+            + "; no existing report file was changed"
+        ) from err
     return html_path, md_path

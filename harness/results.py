@@ -1,24 +1,54 @@
 """runs.parquet (one row per trial) and leaderboard.parquet (one row per method x task).
 
-Both are written atomically (temp file in the same folder + rename), so a crash mid-write
-never leaves a truncated file, and the leaderboard is a pure function of runs.parquet.
+Writing runs (`append_runs`, `write_runs`, `compact_runs`, `RunRecorder`):
+- Every appended row is first written durably (temp file, fsync, rename) as one JSON file
+  in `runs.journal/` beside runs.parquet; only then is runs.parquet rewritten with the
+  journal folded in ("compaction") and the folded entries deleted. A failed rewrite (disk
+  full, read-only folder, an unreadable runs.parquet) therefore loses nothing: the row
+  stays in the journal, every reader merges it, and the next write compacts it.
+- Writers hold an exclusive `fcntl.flock` on `.runs.lock` beside runs.parquet around every
+  read-modify-write; readers (`read_runs`) hold a shared one, so concurrent processes
+  never lose rows and a reader never sees half of a compaction. runs.parquet itself is
+  always replaced atomically (os.replace) and read through a single open, so even a
+  reader that takes no lock (pandas directly) sees one whole version.
+- A sweep records each trial in the journal only (a small file, no rewrite of the whole
+  table) and compacts at most every `RunRecorder.compact_every_s` seconds and at the end.
+- Files are created with mode 0666 minus the umask (no 0600 temp files), like any file.
+- An unreadable runs.parquet (truncated, garbage) is one `ResultsError` naming the file and
+  how to recover; it is never overwritten.
+
+The leaderboard is a pure function of the runs: rows sharing a key are one run (the last
+ok one is kept, the others dropped and counted in `n_duplicate_rows`), and `n_seeds`
+counts distinct seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import io
+import itertools
 import json
 import os
-import tempfile
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from harness.config import ConfigError
 from harness.stats import ci95, paired_bootstrap
 
 RUNS_FILE = "runs.parquet"
 REFERENCE = "lora"  # every method is compared with plain LoRA, paired by seed and item
 LEADERBOARD_FILE = "leaderboard.parquet"
+JOURNAL_DIR = "runs.journal"  # one JSON file per appended row not yet in runs.parquet
+LOCK_FILE = ".runs.lock"
 
 # Columns every runs.parquet has, in this order (missing values are null); see README.
 RUN_COLUMNS = [
@@ -42,20 +72,205 @@ LEADERBOARD_COLUMNS = [
     "trainable_params",
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
-    "git_commit", "device", "setting_key",
+    "git_commit", "device", "setting_key", "n_duplicate_rows",
 ]  # fmt: skip
 
 
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+class ResultsError(ConfigError):
+    """A runs/leaderboard file that cannot be read or written; the message says what to do."""
+
+
+class NotCompactedError(ResultsError):
+    """The rows are safe in the journal, but runs.parquet could not be rewritten (yet)."""
+
+
+_counter = itertools.count()
+
+
+def _create(path: Path) -> int:
+    """A new file, mode 0666 minus the umask (mkstemp would make it 0600)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _stage(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write through `write(file)` to a fsynced temp file beside `path`; return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    fd = _create(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def write_files_atomically(files: list[tuple[Path, Callable[[Any], None]]]) -> None:
+    """Stage every file first, then rename them all into place: when any write fails
+    (disk full, read-only folder) no existing file has been touched."""
+    for path, _ in files:  # a rename over a folder would fail after others were replaced
+        if Path(path).is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in files:
+            staged.append((_stage(Path(path), write), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    for folder in {path.parent for _, path in staged}:
+        _fsync_dir(folder)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    write_files_atomically([(path, write)])
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    _atomic_write(Path(path), lambda f: df.to_parquet(f, index=False))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def _locked(out: Path, exclusive: bool) -> Iterator[None]:
+    """flock on out/.runs.lock: exclusive for writers, shared for readers.
+
+    A reader in a folder it cannot write to, where no lock file exists yet, reads unlocked
+    (no writer of this code has used the folder)."""
+    path = out / LOCK_FILE
+    fd: int | None = None
+    try:
+        if exclusive:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if exclusive:
+            raise ResultsError(f"cannot lock {path} for writing: {err.strerror or err}") from err
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _recover_hint(out: Path) -> str:
+    return (
+        f"it was left untouched. To recover, restore it from a backup or version control, or "
+        f"move it aside (rows appended since are kept in {out / JOURNAL_DIR} and are merged "
+        "into a fresh runs.parquet by the next write)"
+    )
+
+
+def read_parquet_file(path: Path, what: str = "file") -> pd.DataFrame | None:
+    """Read a whole Parquet file through one open (a consistent version even if it is being
+    replaced); None if it does not exist; ResultsError if it is not readable Parquet."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ResultsError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        hint = _recover_hint(path.parent) if what == "runs" else "it was left untouched"
+        raise ResultsError(
+            f"{path} is not a readable Parquet file ({len(data)} bytes; {first}); {hint}"
+        ) from err
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return str(value)
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+def _journal_entries(out: Path) -> list[tuple[Path, dict]]:
+    folder = out / JOURNAL_DIR
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        try:
+            row = json.loads(text)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ResultsError(
+                f"{path} is not a valid journal entry ({err}); it was left untouched: move it "
+                "aside after checking whether its row is in runs.parquet"
+            ) from err
+        entries.append((path, row))
+    return entries
+
+
+def _journal_write(out: Path, rows: list[dict]) -> list[Path]:
+    folder = out / JOURNAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for row in rows:
+            text = json.dumps(row, default=_json_default)
+            name = f"{time.time_ns():020d}-{os.getpid()}-{next(_counter):06d}.json"
+            atomic_write_text(text, folder / name)
+            written.append(folder / name)
+    except BaseException:
+        for path in written:  # all or nothing, so a retry never duplicates
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _merge(existing: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    """existing with `rows` appended; a key already present is replaced by the later row."""
+    if not rows:
+        return existing
+    new = normalise_runs(rows)
+    keyed = new["key"].notna()
+    new = pd.concat([new[keyed].drop_duplicates("key", keep="last"), new[~keyed]])
+    keep = existing[~existing["key"].isin(new["key"].dropna())] if len(existing) else existing
+    return normalise_runs(_records(keep) + _records(new))
 
 
 def normalise_runs(rows: list[dict]) -> pd.DataFrame:
@@ -79,11 +294,7 @@ def normalise_runs(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def read_runs(out_dir: str | Path) -> pd.DataFrame:
-    path = Path(out_dir) / RUNS_FILE
-    if not path.exists():
-        return normalise_runs([])
-    runs = pd.read_parquet(path)
+def _fill_columns(runs: pd.DataFrame) -> pd.DataFrame:
     for col in RUN_COLUMNS:  # files written before a column existed
         if col not in runs.columns:
             runs[col] = pd.Series(
@@ -92,24 +303,161 @@ def read_runs(out_dir: str | Path) -> pd.DataFrame:
     return runs
 
 
+def _read_unlocked(out: Path) -> tuple[pd.DataFrame, list[tuple[Path, dict]]]:
+    entries = _journal_entries(out)
+    existing = read_parquet_file(out / RUNS_FILE, what="runs")
+    if existing is None:
+        existing = normalise_runs([])
+    return _fill_columns(_merge(existing, [row for _, row in entries])), entries
+
+
+def has_runs(out_dir: str | Path) -> bool:
+    """Whether the folder holds runs (runs.parquet, or journal rows not yet compacted)."""
+    out = Path(out_dir)
+    return (out / RUNS_FILE).is_file() or any((out / JOURNAL_DIR).glob("*.json"))
+
+
+def read_runs(out_dir: str | Path) -> pd.DataFrame:
+    """runs.parquet with the journal's rows merged in (under a shared lock)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return normalise_runs([])
+    with _locked(out, exclusive=False):
+        return _read_unlocked(out)[0]
+
+
+def _compact_locked(out: Path, runs: pd.DataFrame, entries: list[tuple[Path, dict]]) -> None:
+    try:
+        atomic_write_parquet(runs, out / RUNS_FILE)
+    except OSError as err:
+        raise NotCompactedError(
+            f"could not rewrite {out / RUNS_FILE} ({err.strerror or err}); "
+            f"{len(entries)} row(s) are kept in {out / JOURNAL_DIR}, read with runs.parquet "
+            "by every reader and folded into it by the next write"
+        ) from err
+    for path, _ in entries:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only when empty; we hold the exclusive lock
+        (out / JOURNAL_DIR).rmdir()
+
+
+def compact_runs(out_dir: str | Path) -> pd.DataFrame:
+    """Fold the journal into runs.parquet (no-op when the journal is empty)."""
+    out = Path(out_dir)
+    with _locked(out, exclusive=True):
+        runs, entries = _read_unlocked(out)
+        if entries:
+            _compact_locked(out, runs, entries)
+        return runs
+
+
 def write_runs(out_dir: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """Replace runs.parquet as a whole (atomically), e.g. after re-keying old rows."""
-    combined = normalise_runs(runs.astype(object).where(runs.notna(), None).to_dict("records"))
-    atomic_write_parquet(combined, Path(out_dir) / RUNS_FILE)
-    return combined
+    """Replace runs.parquet as a whole (atomically), e.g. after re-keying old rows.
+
+    Journal rows whose key (or legacy key) `runs` lacks are kept, never dropped."""
+    out = Path(out_dir)
+    with _locked(out, exclusive=True):
+        entries = _journal_entries(out)
+        known = set(runs["key"].dropna()) if "key" in runs.columns else set()
+        if "legacy_key" in runs.columns:
+            known |= set(runs["legacy_key"].dropna())
+        extra = [row for _, row in entries if row.get("key") not in known]
+        combined = normalise_runs(_records(runs) + extra)
+        _compact_locked(out, combined, entries)
+        return combined
 
 
-def append_runs(out_dir: str | Path, rows: list[dict]) -> pd.DataFrame:
-    """Add rows; a key already present is replaced (a rerun of a failed trial)."""
-    existing = read_runs(out_dir)
-    new = normalise_runs(rows)
-    keep = existing[~existing["key"].isin(new["key"])] if len(existing) else existing
-    combined = normalise_runs(
-        keep.astype(object).where(keep.notna(), None).to_dict("records")
-        + new.astype(object).where(new.notna(), None).to_dict("records")
-    )
-    atomic_write_parquet(combined, Path(out_dir) / RUNS_FILE)
-    return combined
+def append_runs(out_dir: str | Path, rows: list[dict], *, compact: bool = True) -> pd.DataFrame:
+    """Add rows; a key already present is replaced (a rerun of a failed trial).
+
+    The rows are durable in the journal before anything else; with `compact` runs.parquet
+    is then rewritten with them (NotCompactedError if that fails: the rows are kept)."""
+    out = Path(out_dir)
+    with _locked(out, exclusive=True):
+        try:
+            _journal_write(out, rows)
+        except OSError as err:
+            raise ResultsError(
+                f"could not record {len(rows)} row(s) in {out / JOURNAL_DIR}: "
+                f"{err.strerror or err}; they were NOT saved"
+            ) from err
+        if not compact:
+            return normalise_runs(rows)
+        try:
+            runs, entries = _read_unlocked(out)
+        except ResultsError as err:
+            raise NotCompactedError(
+                f"{err} [the {len(rows)} new row(s) are kept in {out / JOURNAL_DIR}]"
+            ) from err
+        _compact_locked(out, runs, entries)
+        return runs
+
+
+class RunRecorder:
+    """Records a sweep's finished trials: each row goes to the journal at once (small, fast,
+    durable); runs.parquet is rewritten only when the time since the last rewrite is at
+    least that rewrite's cost / `overhead` (so rewrites take at most ~5% of the sweep's
+    wall time and a small table stays current), at the latest after `compact_every_s`
+    seconds, and on close.
+
+    Errors never stop the sweep: rows safe in the journal give one warning line; rows that
+    could not be written anywhere (e.g. a full disk) are retried with the next trial and,
+    if still unsaved on close, printed as JSON lines to stderr so the log holds them."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        compact_every_s: float = 30.0,
+        log: Callable[[str], None] | None = None,
+        overhead: float = 0.05,
+    ) -> None:
+        self.out = Path(out_dir)
+        self.compact_every_s = compact_every_s
+        self.overhead = overhead
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.unsaved: list[dict] = []
+        self.last_compact = time.monotonic()
+        self.last_cost = 0.0  # seconds the last rewrite took
+
+    def _due(self) -> bool:
+        wait = self.compact_every_s
+        if self.overhead > 0:
+            wait = min(wait, self.last_cost / self.overhead)
+        return time.monotonic() - self.last_compact >= wait
+
+    def record(self, row: dict) -> None:
+        rows = [*self.unsaved, row]
+        due = self._due()
+        started = time.monotonic()
+        try:
+            append_runs(self.out, rows, compact=due)
+            self.unsaved = []
+        except NotCompactedError as err:
+            self.unsaved = []
+            self.log(f"warning: {err}")
+        except ResultsError as err:
+            self.unsaved = rows
+            self.log(f"error: {err}; kept in memory and retried with the next trial")
+        if due:
+            self.last_compact = time.monotonic()
+            self.last_cost = self.last_compact - started
+
+    def close(self) -> bool:
+        """Save what is unsaved and compact; True if runs.parquet holds every row."""
+        if self.unsaved:
+            rows, self.unsaved = self.unsaved, []
+            for row in rows:
+                self.record(row)
+        try:
+            compact_runs(self.out)
+        except ResultsError as err:
+            self.log(f"warning: {err}")
+            return False
+        if self.unsaved:
+            for row in self.unsaved:
+                self.log("unsaved row: " + json.dumps(row, default=_json_default))
+            return False
+        return True
 
 
 def _unique(series: pd.Series) -> str:
@@ -119,25 +467,65 @@ def _unique(series: pd.Series) -> str:
     return values[0] if len(values) == 1 else json.dumps(values)
 
 
-def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+def dedupe_runs(runs: pd.DataFrame, by: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """One row per `by` value (the last ok one, else the last); rows with a null in `by` are
+    all kept. Returns the rows kept (in their order) and the count dropped per (method, task).
+    """
+    empty = pd.Series(dtype="int64")
+    if runs.empty or any(c not in runs.columns for c in by):
+        return runs, empty
+    r = runs.reset_index(drop=True)
+    ok = (r["status"] == "ok").fillna(False).astype(int) if "status" in r.columns else 0
+    ranked = r.assign(_ok=ok, _pos=np.arange(len(r))).sort_values(["_ok", "_pos"], kind="stable")
+    complete = ranked[by].notna().all(axis=1)
+    kept = pd.concat([ranked[complete].drop_duplicates(by, keep="last"), ranked[~complete]])
+    dropped = r.loc[~r.index.isin(kept["_pos"])]
+    kept = kept.sort_values("_pos").drop(columns=["_ok", "_pos"]).reset_index(drop=True)
+    if dropped.empty or not {"method", "task"} <= set(dropped.columns):
+        return kept, empty
+    return kept, dropped.groupby(["method", "task"]).size()
+
+
+def leaderboard_warnings(board: pd.DataFrame) -> list[str]:
+    """Lines to show beside a leaderboard: dropped duplicate rows, skipped comparisons."""
+    notes = list(board.attrs.get("warnings", []))
+    if "n_duplicate_rows" in board.columns:
+        for r in board[board["n_duplicate_rows"].fillna(0) > 0].itertuples():
+            notes.append(
+                f"{r.method} on {r.task}: {int(r.n_duplicate_rows)} duplicate run row(s) "
+                "(same key, or same LR and seed) were counted once"
+            )
+    return notes
+
+
+def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFrame:
     """Per method x task: choose the LR by mean selection score over ok seeds, report test.
 
     Failed and diverged runs never enter a mean; they are counted. An LR is eligible only
     if it has an ok run with finite selection and test scores for every seed the (method,
     task) was run with: a diverging, missing (interrupted) or NaN-scoring seed can neither
     be hidden by dropping it nor let a noisier mean over fewer seeds win. A tie on the
-    selection mean goes to the smallest LR.
+    selection mean goes to the smallest LR. Rows sharing a key (or an LR and seed) are one
+    run: the last ok one counts, the others are dropped and counted in n_duplicate_rows.
+    `compare=False` skips the (slow) paired bootstrap against LoRA.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
         runs = runs.assign(setting_key=pd.Series(pd.NA, index=runs.index, dtype="string"))
+    runs, dup_keys = dedupe_runs(runs, ["key"])
     for (method, task), group in runs.groupby(["method", "task"], sort=True):
         settings = set(group["setting_key"].fillna("recorded before key version 2"))
         if len(settings) > 1:  # a sweep refuses this; only hand-merged run files get here
-            raise ValueError(
+            raise ResultsError(
                 f"{method} on {task}: runs of {len(settings)} different settings "
                 f"({sorted(settings)}); one leaderboard row never averages across settings"
             )
+    runs, dup_seeds = dedupe_runs(runs, ["method", "task", "lr", "seed"])
+    duplicates: dict = {}
+    for counts in (dup_keys, dup_seeds):
+        for group, n in counts.items():
+            duplicates[group] = duplicates.get(group, 0) + int(n)
+    for (method, task), group in runs.groupby(["method", "task"], sort=True):
         ok = group[group["status"] == "ok"]
         all_seeds = set(group["seed"])
         complete = [
@@ -168,6 +556,7 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
             "test_metric": _unique(group["test_metric"]),
             "selection_metric": _unique(group["selection_metric"]),
             "setting_key": _unique(group["setting_key"]),
+            "n_duplicate_rows": int(duplicates.get((method, task), 0)),
         }
         if by_lr.notna().any():
             chosen = float(by_lr.idxmax())
@@ -179,7 +568,7 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
                 test_mean=float(best["test_score"].mean()),
                 test_std=float(best["test_score"].std(ddof=1)) if len(best) > 1 else float("nan"),
                 **dict(zip(("test_ci_low", "test_ci_high"), ci95(best["test_score"]), strict=True)),
-                n_seeds=len(best),
+                n_seeds=int(best["seed"].nunique()),
                 seeds=json.dumps(sorted(int(s) for s in best["seed"])),
                 majority_baseline=float(best["majority_baseline"].mean()),
                 test_metrics_mean=json.dumps(
@@ -196,12 +585,15 @@ def build_leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
             row.update(n_seeds=0)
         rows.append(row)
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
-    _compare_with_reference(runs, board)
+    notes = _compare_with_reference(runs, board) if compare else []
+    board["n_duplicate_rows"] = board["n_duplicate_rows"].fillna(0).astype("int64")
     if len(board):
         board = board.sort_values(
             ["task", "test_mean"], ascending=[True, False], na_position="last"
         )
-    return board.reset_index(drop=True)
+    board = board.reset_index(drop=True)
+    board.attrs["warnings"] = notes
+    return board
 
 
 def _headline_items(run: pd.Series) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -235,8 +627,24 @@ def _metric_fn(task_id: str, metric: str):
     return score
 
 
-def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = REFERENCE):
-    """Paired bootstrap of each method against `ref` at both chosen LRs, same seeds/items."""
+def _known_task(task_id: str) -> bool:
+    import tasks
+
+    try:
+        tasks.get_task(task_id)
+    except KeyError:
+        return False
+    return True
+
+
+def _compare_with_reference(
+    runs: pd.DataFrame, board: pd.DataFrame, ref: str = REFERENCE
+) -> list[str]:
+    """Paired bootstrap of each method against `ref` at both chosen LRs, same seeds/items.
+
+    Returns notes on comparisons skipped (a task this checkout no longer knows, whose
+    metric cannot be recomputed on resamples)."""
+    notes: list[str] = []
     for col in ("vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"):
         board[col] = board[col].astype("float64")
     board["vs_lora_within_noise"] = board["vs_lora_within_noise"].astype("boolean")
@@ -262,6 +670,15 @@ def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = 
             for x, y in zip(a, b, strict=True)
         ):
             continue  # not the same test items (labels differ): no paired comparison
+        needs_task = any(x[1] is not None for x in a + b) and (
+            str(row["test_metric"]).split("/")[-1] != "accuracy"
+        )
+        if needs_task and not _known_task(row["task"]):
+            notes.append(
+                f"{row['method']} on {row['task']}: no paired comparison with {ref}: task "
+                f"{row['task']!r} is not known to this checkout (its metric cannot be recomputed)"
+            )
+            continue
         result = paired_bootstrap(a, b, _metric_fn(row["task"], row["test_metric"]))
         board.loc[i, ["vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"]] = [
             result["delta"],
@@ -269,6 +686,7 @@ def _compare_with_reference(runs: pd.DataFrame, board: pd.DataFrame, ref: str = 
             result["ci_high"],
         ]
         board.loc[i, "vs_lora_within_noise"] = result["within_noise"]
+    return notes
 
 
 # What must be equal for a paired comparison with the reference method to mean anything.
@@ -288,8 +706,51 @@ def _same_evaluation(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
 
 def write_leaderboard(out_dir: str | Path) -> pd.DataFrame:
     board = build_leaderboard(read_runs(out_dir))
-    atomic_write_parquet(board, Path(out_dir) / LEADERBOARD_FILE)
+    path = Path(out_dir) / LEADERBOARD_FILE
+    try:
+        atomic_write_parquet(board, path)
+    except OSError as err:
+        raise ResultsError(f"cannot write {path}: {err.strerror or err}") from err
     return board
+
+
+def _writable(path: Path, what: str) -> None:
+    parent = path.parent
+    if path.is_dir():
+        raise ResultsError(f"cannot write the {what} {path}: it is a directory")
+    if not parent.is_dir():
+        raise ResultsError(f"cannot write the {what} {path}: no folder {parent}")
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise ResultsError(f"cannot write the {what} {path}: {os.strerror(errno.EROFS)}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ResultsError(f"cannot write the {what} {path}: {os.strerror(errno.EACCES)}")
+
+
+def save_leaderboard(
+    out_dir: str | Path, markdown: str | Path | None = None
+) -> tuple[pd.DataFrame, str]:
+    """`harness leaderboard`: rebuild leaderboard.parquet from the runs (and the Markdown
+    table); ResultsError, with no output file changed, if any of it cannot be written."""
+    out = Path(out_dir)
+    if not has_runs(out):
+        raise ResultsError(f"no {RUNS_FILE} in {out}")
+    board = build_leaderboard(read_runs(out))
+    table = format_leaderboard(board)
+    files: list[tuple[Path, Callable[[Any], None]]] = [
+        (out / LEADERBOARD_FILE, lambda f: board.to_parquet(f, index=False))
+    ]
+    if markdown:
+        files.append((Path(markdown), lambda f: f.write((table + "\n").encode("utf-8"))))
+    for path, what in zip((p for p, _ in files), ("leaderboard", "Markdown file"), strict=False):
+        _writable(path, what)
+    try:
+        write_files_atomically(files)
+    except OSError as err:
+        where = err.filename or out
+        raise ResultsError(
+            f"cannot write {where}: {err.strerror or err} (no output file was changed)"
+        ) from err
+    return board, table
 
 
 def _vs_lora(row) -> str:

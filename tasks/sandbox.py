@@ -190,7 +190,7 @@ def _enter_namespaces(libc, cfg: dict) -> None:
     _remount_all_readonly(libc, keep_writable=cfg["workdir"])
 
 
-def _exec_program(cfg: dict, status_fd: int) -> None:
+def _exec_program(cfg: dict, status_fd: int, stdin_data: bytes = b"") -> None:
     """Final child: limits, drop privileges, exec. Never returns."""
     try:
         limits = {
@@ -213,7 +213,16 @@ def _exec_program(cfg: dict, status_fd: int) -> None:
             os.setresuid(uid, uid, uid)
         _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         os.chdir(cfg["workdir"])
-        os.close(0)  # stdin closed
+        # stdin closed (the launcher closed its own after reading it), or a pipe holding
+        # only `stdin_data`, then EOF
+        if stdin_data:
+            r, w = os.pipe()  # fds 0 and up are free: r lands on 0
+            if r != 0:
+                os.dup2(r, 0)
+                os.close(r)
+            os.write(w, stdin_data)
+            os.close(w)
+            os.set_inheritable(0, True)
         os.closerange(3, status_fd)
         os.closerange(status_fd + 1, 65536)
         os.set_inheritable(status_fd, False)  # closed by a successful exec
@@ -239,6 +248,10 @@ def _launch(cfg_path: str) -> None:
         os.write(status_fd, (msg.rstrip() + "\n").encode())
 
     try:
+        stdin_data = b""  # what the program's stdin will hold (never on disk)
+        while chunk := os.read(0, 65536):
+            stdin_data += chunk
+        os.close(0)
         with open(cfg_path) as f:
             cfg = json.load(f)
         libc = _libc()
@@ -256,7 +269,7 @@ def _launch(cfg_path: str) -> None:
                 _mount(libc, "proc", "/proc", "proc", flags)
             child = os.fork()
             if child == 0:
-                _exec_program(cfg, status_fd)
+                _exec_program(cfg, status_fd, stdin_data)
             _, status = os.waitpid(child, 0)
             os._exit(_exit_code(status))  # as pid 1, this kills whatever is left
         except BaseException as e:  # noqa: BLE001
@@ -290,8 +303,8 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Literal  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+from typing import Any, Literal  # noqa: E402
 
 Status = Literal["passed", "failed", "timeout", "error"]
 _UID_RANGE = (1_000_000, 2_000_000_000)  # fresh uids, far from system and subuid ranges
@@ -337,13 +350,18 @@ def run_untrusted(
     python: str | None = None,
     uid: int | None = None,
     tail_chars: int = 2000,
+    stdin_data: bytes = b"",
 ) -> SandboxResult:
     """Run `python -I` on `program` in an isolated child process; see the module docstring.
 
+    stdin_data: what the program reads on stdin (then EOF); it reaches the program only
+        through a pipe (never a file, argument or environment variable). Default: closed.
     python: the interpreter (default: this one, `sys.executable`, so a program sees the same
         stdlib and packages as the official in-process human-eval `exec` would).
     uid: the unprivileged uid to run as when root (default: a fresh random one per run).
     """
+    if len(stdin_data) >= 65536:
+        raise ValueError("stdin_data must fit in a pipe buffer (< 64 KiB)")
     iso = isolation_status()
     if not iso.available and not allow_network_fallback:
         raise SandboxUnavailableError(
@@ -363,6 +381,7 @@ def run_untrusted(
         python=python,
         uid=uid,
         tail_chars=tail_chars,
+        stdin_data=stdin_data,
     )
 
 
@@ -470,6 +489,7 @@ def _run(
     python: str | None,
     uid: int | None,
     tail_chars: int,
+    stdin_data: bytes = b"",
 ) -> SandboxResult:
     drop_uid = os.geteuid() == 0
     if drop_uid and uid is None:
@@ -519,7 +539,7 @@ def _run(
             },
         }
         cfg_path = os.path.join(base, "config.json")
-        with open(cfg_path, "w") as f:
+        with open(os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(config, f)
         out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
         status_path = os.path.join(base, "status")
@@ -534,7 +554,7 @@ def _run(
         ):
             proc = subprocess.Popen(
                 cmd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=err,
                 pass_fds=(st.fileno(),),
@@ -543,6 +563,11 @@ def _run(
                 start_new_session=True,
                 close_fds=True,
             )
+            try:  # small (a pipe buffer holds it): the launcher reads it before anything
+                proc.stdin.write(stdin_data)
+                proc.stdin.close()
+            except BrokenPipeError:  # the launcher died at once; its status says why
+                pass
             timed_out = not _wait(proc, timeout_s)
             if timed_out:
                 _killpg(proc.pid)
@@ -643,3 +668,79 @@ def _rmtree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------- checks with a verdict
+# The trusted runner `run_with_verdict` sandboxes. It reads the verdict secret from stdin
+# before any untrusted code exists in the process, closes stdin, then runs the untrusted
+# source and the trusted checks in one namespace (as one script would), and writes the
+# secret only after the checks returned. `{untrusted!r}` / `{checks!r}` are literals.
+_VERDICT_RUNNER = """\
+import builtins, linecache, os, sys, traceback
+
+
+def _harness_verdict(untrusted, checks):
+    read, write, exit_, compile_, exec_ = os.read, os.write, os._exit, compile, exec
+    secret = b""
+    while chunk := read(0, 4096):
+        secret += chunk
+    os.close(0)
+    sys.stdin = None
+    pristine = dict(builtins.__dict__)
+    for name, text in (("<candidate>", untrusted), ("<checks>", checks)):
+        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+    sys.excepthook = lambda *exc: traceback.print_exception(*exc)
+    checks_code = compile_(checks, "<checks>", "exec", dont_inherit=True)
+    namespace = {{"__name__": "__main__", "__builtins__": builtins, "__file__": __file__}}
+    exec_(compile_(untrusted, "<candidate>", "exec", dont_inherit=True), namespace)
+    builtins.__dict__.clear()  # undo what the untrusted code did to builtins at import
+    builtins.__dict__.update(pristine)
+    namespace["__builtins__"] = builtins
+    exec_(checks_code, namespace)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    write(1, b"\\n" + secret + b"\\n")
+    exit_(0)
+
+
+_harness_verdict({untrusted!r}, {checks!r})
+"""
+
+
+def run_with_verdict(
+    untrusted: str, checks: str, timeout_s: float, memory_mb: int, **kw: Any
+) -> SandboxResult:
+    """Run `untrusted` then the trusted `checks` (one namespace) in the sandbox; passed only
+    if the checks ran to completion, judged by a secret the program cannot know.
+
+    Guarantee: the verdict is a fresh random secret (os.urandom) sent through the sandbox's
+    stdin pipe only (never in the program file, argv, environment or any file), read and
+    the pipe closed by the trusted runner before the untrusted code is compiled, and written
+    to stdout only after `checks` returned. So printing anything (a marker read from
+    open(__file__), guessed from this source), exiting 0 early (exit(), sys.exit(0),
+    os._exit(0), SystemExit raised inside the checks) or crashing never passes; builtins
+    patched at import are restored before the checks run.
+
+    Limits (deliberate attacks on the checker, not covered): code that introspects the
+    runner's own memory while it runs (sys._getframe / gc / a thread reading its frame
+    locals, /proc/self/mem) can find the secret; code the checks call (the candidate) can
+    patch what the checks use at call time, or return objects that compare equal to
+    anything. Both are also open in the official in-process human-eval harness; closing them
+    needs the checks in a separate process that receives only plain data.
+    """
+    secret = f"VERDICT-{os.urandom(16).hex()}"
+    program = _VERDICT_RUNNER.format(untrusted=untrusted, checks=checks)
+    res = run_untrusted(program, timeout_s, memory_mb, stdin_data=secret.encode(), **kw)
+    lines = res.stdout_tail.splitlines()
+    verdict = secret in lines
+    stdout = "\n".join(line for line in lines if line != secret)
+    if res.passed and not verdict:
+        note = "\n[exited 0 before the checks completed: no verdict]"
+        return replace(
+            res, passed=False, status="failed", stdout_tail=stdout,
+            stderr_tail=res.stderr_tail + note,
+        )  # fmt: skip
+    return replace(res, stdout_tail=stdout)

@@ -97,7 +97,8 @@ def test_append_replaces_same_key_and_writes_atomically(tmp_path: Path):
     runs = read_runs(tmp_path)
     assert len(runs) == 2 and set(runs["status"]) == {"ok"}
     assert list(runs.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]  # no temp files left
+    # no temp files or journal entries left; the lock file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runs.lock", "runs.parquet"]
     board = write_leaderboard(tmp_path)
     assert board.iloc[0]["test_mean"] == pytest.approx(0.7)
     assert (tmp_path / "leaderboard.parquet").is_file()

@@ -333,3 +333,113 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(humaneval_proble
     expected = (164 - len(wrong_ids) - 1 + 0.5 * len(wrong_ids) + 1 / 3) / 164
     assert out["pass@1"] == pytest.approx(expected)
     assert elapsed < 90.0  # about 20-40 s on a loaded 2-core machine
+
+
+# ------------------------------------------------------- forged passes (hostile tester)
+HE0 = {
+    "task_id": "HumanEval/0",
+    "prompt": (
+        "from typing import List\n\n\n"
+        "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+        '    """ Check if in given list of numbers, are any two numbers closer to each other '
+        'than\n    given threshold.\n    """\n'
+    ),
+    "test": (
+        "\n\nMETADATA = {'author': 'jt', 'dataset': 'test'}\n\n\n"
+        "def check(candidate):\n"
+        "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+        "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+        "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n"
+        "    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True\n"
+        "    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 0.5) == False\n"
+    ),
+    "entry_point": "has_close_elements",
+}
+RIGHT = (
+    "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+    " for b in numbers[i + 1:])\n"
+)
+# The tester's attack: read the success marker from the program file, print it, exit 0.
+FORGE_FROM_FILE = (
+    "    return False\n\n"
+    "import os, re, sys\n"
+    "_text = open(__file__).read()\n"
+    'for _m in re.findall(r"[A-Z][A-Z_-]*-[0-9a-f]{8,}", _text):\n'
+    "    print(_m)\n"
+    "for _line in _text.splitlines():\n"
+    "    if 'print(' in _line and ('COMPLETED' in _line or 'VERDICT' in _line):\n"
+    '        print(_line.split("\'")[1] if "\'" in _line else _line)\n'
+    "sys.stdout.flush()\n"
+    "os._exit(0)\n"
+)
+# A marker guessed from the harness source: every constant-looking string of the checker.
+FORGE_FROM_SOURCE = (
+    "    return False\n\n"
+    "import os, re, sys\n"
+    "for _path in ('tasks/sandbox.py', 'tasks/protocols/humaneval.py'):\n"
+    "    for _root in (os.path.dirname(os.path.abspath(__file__)), " + repr(str(REPO)) + "):\n"
+    "        try:\n"
+    "            _text = open(os.path.join(_root, _path)).read()\n"
+    "        except OSError:\n"
+    "            continue\n"
+    '        for _m in re.findall(r"[A-Z]+-[A-Z]*-?", _text):\n'
+    "            print(_m)\n"
+    "print('VERDICT-' + '0' * 32)\n"
+    "sys.stdout.flush()\n"
+    "os._exit(0)\n"
+)
+FORGE_READS_STDIN = (  # the verdict pipe is drained and closed before this code exists
+    "    return False\n\n"
+    "import os, sys\n"
+    "for _fd in range(0, 64):\n"
+    "    try:\n"
+    "        os.write(1, os.read(_fd, 4096))\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "os._exit(0)\n"
+)
+SYSEXIT_IN_CHECK = "    raise SystemExit(0)\n"
+EXIT_AT_IMPORT = "    return False\n\nimport sys\nsys.exit(0)\n"
+PATCH_BUILTINS = (  # makes every later assert compare True, at import
+    "    return False\n\nimport builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\n"
+    "builtins.abs = lambda x: 0\n"
+)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [FORGE_FROM_FILE, FORGE_FROM_SOURCE, FORGE_READS_STDIN, SYSEXIT_IN_CHECK, EXIT_AT_IMPORT],
+    ids=["marker-from-__file__", "marker-from-harness-source", "read-fds", "SystemExit-in-check",
+         "sys.exit-at-import"],
+)  # fmt: skip
+def test_a_forged_pass_fails_and_a_right_answer_passes(completion):
+    res = he.run_problem(HE0, completion)
+    assert not res.passed and res.status == "failed", (res.status, res.stdout_tail)
+    assert he.run_problem(HE0, RIGHT).passed
+
+
+def test_a_forged_pass_fails_through_extract_completion():
+    chat = "Sure:\n```python\n" + FORGE_FROM_FILE.replace("    return False\n", "") + "```\n"
+    completion = he.extract_completion(chat, HE0)
+    assert "os._exit(0)" in completion  # the attack survives extraction ...
+    assert not he.run_problem(HE0, completion).passed  # ... and still does not pass
+
+
+def test_builtins_patched_at_import_are_restored_before_the_checks():
+    assert not he.run_problem(HE0, PATCH_BUILTINS).passed
+    assert he.run_problem(HE0, RIGHT + PATCH_BUILTINS.replace("    return False\n", "")).passed
+
+
+def test_the_verdict_secret_is_not_in_the_program_file_or_its_stdout(monkeypatch):
+    seen = {}
+    real = sandbox.run_untrusted
+
+    def spy(program, *args, **kw):
+        seen["program"], seen["stdin"] = program, kw.get("stdin_data")
+        return real(program, *args, **kw)
+
+    monkeypatch.setattr(sandbox, "run_untrusted", spy)
+    res = he.run_problem(HE0, RIGHT + "\nprint('hello')\n")
+    assert res.passed and "hello" in res.stdout_tail
+    secret = seen["stdin"].decode()
+    assert secret and secret not in seen["program"] and secret not in res.stdout_tail

