@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import ConfigError
+from harness.identity import mixed_versions
 from harness.stats import ci95, paired_bootstrap
 
 RUNS_FILE = "runs.parquet"
@@ -519,6 +520,14 @@ def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFra
             raise ResultsError(
                 f"{method} on {task}: runs of {len(settings)} different settings "
                 f"({sorted(settings)}); one leaderboard row never averages across settings"
+            )
+        ok_packages = group.loc[group["status"] == "ok", "packages"] if "packages" in group else []
+        mixed = mixed_versions(ok_packages)
+        if mixed:  # a sweep refuses this too (harness.identity.version_conflicts)
+            described = ", ".join(f"{name} {sorted(v)}" for name, v in sorted(mixed.items()))
+            raise ResultsError(
+                f"{method} on {task}: runs made with different package versions "
+                f"({described}); one leaderboard row never mixes them"
             )
     runs, dup_seeds = dedupe_runs(runs, ["method", "task", "lr", "seed"])
     duplicates: dict = {}

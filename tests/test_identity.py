@@ -321,3 +321,20 @@ def test_mixed_versions_ignore_unrecorded_and_absent_packages():
     assert identity.mixed_versions([a, b]) == {}
     c = json.dumps({"torch": "2.12.0"})
     assert identity.mixed_versions([a, b, c]) == {"torch": {"2.12.0", "2.13.0"}}
+
+
+def test_leaderboard_never_mixes_package_versions(rte_copy):
+    s = one(spec(str(rte_copy)))
+    rows = [
+        {"key": f"k{seed}", "key_version": KEY_VERSION, "setting_key": s.setting_key(),
+         "status": "ok", "method": "lora", "task": "glue/rte", "seed": seed, "lr": 1e-3,
+         "selection_score": 0.5, "test_score": 0.5, "test_metrics": "{}",
+         "majority_baseline": 0.5, "packages": json.dumps({"torch": torch, "ray": ray}),
+         "trainable_params": 1, "init_time_s": 0.0, "train_time_s": 1.0,
+         "peak_memory_mb": 1.0, "samples_per_s": 1.0}
+        for seed, torch, ray in ((0, "2.13.0", "2.60.0"), (1, "2.13.0", "2.59.0"))
+    ]  # fmt: skip
+    assert len(build_leaderboard(normalise_runs(rows), compare=False)) == 1  # ray: no number
+    rows[1]["packages"] = json.dumps({"torch": "2.12.0"})
+    with pytest.raises(ValueError, match=r"different package versions \(torch"):
+        build_leaderboard(normalise_runs(rows), compare=False)

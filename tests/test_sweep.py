@@ -107,7 +107,9 @@ def test_smoke_sweep_data_informed_methods_on_a_regression_task(tmp_path: Path, 
     assert set(runs.index) == {"lora_one", "lora_sb", "lora_ga", "cg_lora", "sds_lora"}
     assert (runs["status"] == "ok").all(), runs["error"]
     assert (runs["init_time_s"] > 0).all() and runs["test_metric"].eq("pearson").all()
-    assert runs.loc["lora_sb", "trainable_params"] == 36 * 8 * 8 + 384 + 1  # R per layer + head
+    # R per layer (6 blocks x the official GLUE targets: query, value, attention.output.dense,
+    # output.dense) + head
+    assert runs.loc["lora_sb", "trainable_params"] == 6 * 4 * 8 * 8 + 384 + 1
     assert json.loads(runs.loc["lora_sb", "method_config"])["init_eta_used"] == 1e-3
     # CG-LoRA starts off the base function (no shift); SDS-LoRA at it; both merge exactly.
     assert runs.loc["cg_lora", "sanity_init"].startswith("offset")
