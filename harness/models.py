@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -142,6 +142,14 @@ class ModelStructure:
     model_type: str
     linear_names: tuple[str, ...]
     default_target_modules: list[str]
+    # name -> (out_features, in_features) of each linear layer; the position limit (tokens)
+    # of a text model, None where it has none (vision) or does not say.
+    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    max_positions: int | None = None
+
+    def matching(self, key: str) -> list[str]:
+        """The linear layers a target key adapts (peft's rule)."""
+        return [n for n in self.linear_names if n == key or n.endswith("." + key)]
 
     def matches(self, key: str) -> bool:
         # peft's rule: a key names a module exactly or as a dotted suffix.
@@ -163,13 +171,24 @@ def model_structure(model_id: str, revision: str | None, model_dir: str | None) 
 
         with torch.device("meta"):
             model = random_init_vit(num_labels=2)
-        linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-        return ModelStructure("vit", linear, default_target_modules("vit"))
+        linear, shapes = _linear_layers(model)
+        return ModelStructure("vit", linear, default_target_modules("vit"), shapes)
     config = AutoConfig.from_pretrained(source.location, revision=_rev(source))
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    linear = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    return ModelStructure(config.model_type, linear, default_target_modules(config.model_type))
+    linear, shapes = _linear_layers(model)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    return ModelStructure(
+        config.model_type, linear, default_target_modules(config.model_type), shapes,
+        positions if isinstance(positions, int) else None,
+    )  # fmt: skip
+
+
+def _linear_layers(model: nn.Module) -> tuple[tuple[str, ...], dict[str, tuple[int, int]]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return tuple(n for n, _ in layers), {n: (m.out_features, m.in_features) for n, m in layers}
 
 
 def _rev(source: ModelSource) -> str | None:

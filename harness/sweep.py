@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pandas as pd
 from harness import distributed, identity, provenance
 from harness.config import ConfigError, SweepConfig, TrialSpec, expand
 from harness.results import (
-    append_runs,
+    RunRecorder,
     format_leaderboard,
     read_runs,
     write_leaderboard,
@@ -61,13 +63,104 @@ def _crash_row(spec: TrialSpec, error: str) -> dict[str, Any]:
     return base_row(spec, status=STATUS_FAILED, error=error)
 
 
+# Lines of Ray's error file that say why a worker died (the rest is Ray's own traceback).
+_CAUSE_LINE = re.compile(
+    r"^\S*(Error|Exception|Exit)\b.*|.*\b(signal|SIG[A-Z]+|exit (type|detail|code)|killed|"
+    r"OOM|out of memory|segmentation)\b.*",
+    re.IGNORECASE,
+)
+CAUSE_CHARS = 1500
+
+
+def trial_error_cause(trial: Any) -> str:
+    """What a failed trial's error file says (the exception, the worker's exit signal),
+    not only its path: that path is in Ray's temporary session folder, gone after the run."""
+    path = getattr(trial, "error_file", None)
+    text = ""
+    if path:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            text = ""
+    if not text:
+        try:
+            error = trial.get_error()
+        except Exception:  # noqa: BLE001 - remote storage, no error recorded
+            error = None
+        text = str(error or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause_lines = [line for line in lines if _CAUSE_LINE.match(line)]
+    cause = " | ".join(dict.fromkeys(cause_lines or lines[-3:]))
+    if len(cause) > CAUSE_CHARS:
+        cause = cause[: CAUSE_CHARS - 3] + "..."
+    where = f" (error file: {path})" if path else ""
+    return f"trial process failed: {cause or 'no error recorded'}{where}"
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C mid-sweep: finished trials are recorded, the rest run when rerun."""
+
+
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_address(address: str | None) -> None:
+    """An unreachable Ray address is one error within seconds (ray.init retries for
+    minutes). `auto`/`local`/None are left to Ray, which answers those at once."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"ray address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), ADDRESS_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"ray address {address!r} is unreachable ({err or type(err).__name__}, "
+            f"{ADDRESS_TIMEOUT_S:g} s timeout); start the cluster or fix ray.address / --address"
+        ) from err
+
+
+def check_cluster_fits(cfg: SweepConfig, nodes: list[dict[str, Any]]) -> None:
+    """A trial that no node (or the whole cluster) can hold would wait forever, with Ray
+    warning every 60 s: refuse it. `nodes` is ray.nodes()."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    total = {k: sum(n.get(k, 0) for n in alive) for k in ("CPU", "GPU")}
+    have = f"cluster: {total['CPU']:g} CPUs, {total['GPU']:g} GPUs on {len(alive)} nodes"
+    if distributed.is_distributed(cfg):
+        dist = cfg.distributed
+        assert dist is not None
+        worker = {"CPU": dist.cpus_per_worker, "GPU": 1.0 if dist.use_gpu else 0.0}
+        need = {k: v * dist.world_size for k, v in worker.items()}
+        need["CPU"] += distributed.DRIVER_CPUS
+        what = f"a distributed trial ({dist.world_size} workers of {_fmt(worker)} + its driver)"
+    else:
+        res = cfg.resources
+        worker = need = {"CPU": res.cpus_per_trial, "GPU": res.gpus_per_trial}
+        what = f"a trial ({_fmt(need)}, from resources.cpus_per_trial/gpus_per_trial)"
+    fits_node = any(all(n.get(k, 0) >= v for k, v in worker.items() if v) for n in alive)
+    if not fits_node or any(total[k] < v for k, v in need.items() if v):
+        raise ConfigError(
+            f"{what} cannot be scheduled on this Ray cluster ({have}); it would wait forever. "
+            "Lower the request or add the resources."
+        )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v) or "nothing"
+
+
 def _make_callback(out_dir: Path, specs: list[TrialSpec]):
     from ray.tune import Callback
 
     class RecordRuns(Callback):
-        """Append each finished trial to runs.parquet and print one progress line."""
+        """Record each finished trial (journal at once, runs.parquet in batches; see
+        harness.results.RunRecorder) and print one progress line."""
 
         def __init__(self) -> None:
+            self.recorder = RunRecorder(out_dir)
             self.done = 0
             self.started = time.perf_counter()
 
@@ -89,13 +182,13 @@ def _make_callback(out_dir: Path, specs: list[TrialSpec]):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "record" in result:
                 row = json.loads(result["record"])
-                append_runs(out_dir, [row])
+                self.recorder.record(row)
                 self._progress(row)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = specs[trial.config["index"]]
-            row = _crash_row(spec, f"trial process failed: {trial.error_file or 'unknown'}")
-            append_runs(out_dir, [row])
+            row = _crash_row(spec, trial_error_cause(trial))
+            self.recorder.record(row)
             self._progress(row)
 
     return RecordRuns()
@@ -164,8 +257,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
         f"output {out_dir}",
         flush=True,
     )
+    interrupted = None
     if todo:
         address = address or cfg.ray.address
+        check_address(address)  # seconds, not ray.init's minutes of retries
         env = {"HARNESS_GIT_COMMIT": provenance.git_commit(), "TOKENIZERS_PARALLELISM": "false"}
         env["RAY_TRAIN_V2_ENABLED"] = "1"  # distributed trials use Train V2
         ray.init(
@@ -180,6 +275,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
             # Refuse node-local storage across nodes; multi-GPU trials drive a TorchTrainer.
             storage = distributed.storage_path(cfg, out_dir)
             distributed.check_storage(storage, distributed.alive_nodes(), cfg.ray.shared_storage)
+            check_cluster_fits(cfg, ray.nodes())  # else trials wait forever for resources
             if distributed.is_distributed(cfg):
                 trainable, max_concurrent, failure = distributed.tune_setup(cfg, payload, storage)
             else:
@@ -203,17 +299,45 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                     name=cfg.name,
                     storage_path=storage,
                     failure_config=failure,  # Tune-level retries of a driver
-                    callbacks=[_make_callback(out_dir, todo)],
+                    callbacks=[recorder := _make_callback(out_dir, todo)],
                     verbose=0,
                 ),
             )
-            tuner.fit()
+            try:
+                interrupted = _fit(tuner, recorder, len(todo))
+            finally:
+                recorder.recorder.close()  # fold the journal into runs.parquet
         finally:
             ray.shutdown()
     board = write_leaderboard(out_dir)
+    if interrupted:
+        print(f"PARTIAL leaderboard ({interrupted}; the missing trials have not run):", flush=True)
     print(format_leaderboard(board), flush=True)
     print(f"wrote {out_dir / 'runs.parquet'} and {out_dir / 'leaderboard.parquet'}", flush=True)
+    if interrupted:
+        raise SweepInterrupted(interrupted)
     return board
+
+
+def _fit(tuner: Any, recorder: Any, n_trials: int) -> str | None:
+    """Run the Tuner; on Ctrl-C stop at once and say how far it got (None: finished).
+
+    Tune's own SIGINT handler is switched off: it would end the run as if complete and
+    advise Tuner.restore, which this harness does not use (rerunning the sweep resumes it)."""
+    previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        return f"{recorder.done} of {n_trials} trials finished before the interrupt"
+    finally:
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
+    if recorder.done < n_trials:
+        return f"only {recorder.done} of {n_trials} trials reported"
+    return None
 
 
 def _trial_name(spec: TrialSpec) -> str:
