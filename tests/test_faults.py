@@ -18,6 +18,7 @@ from torch import nn
 from harness import identity
 from harness.cli import main
 from harness.config import expand, load_config
+from harness.results import read_runs
 from harness.train import Diverged, check_divergence, train
 from tests.conftest import MINILM, REPO
 
@@ -95,7 +96,8 @@ def _config(tmp_path: Path, mirror_dir: str) -> Path:
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_path, mirror_dir):
     config = _config(tmp_path, mirror_dir)
-    runs_file = tmp_path / "out" / "runs.parquet"
+    out = tmp_path / "out"
+    runs_file = out / "runs.parquet"
     env = {**os.environ, "HARNESS_DATA_DIR": mirror_dir, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "sweep", str(config)],
@@ -105,7 +107,8 @@ def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_pa
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            if runs_file.exists() and len(pd.read_parquet(runs_file)) >= 2:
+            # rows are durable in the journal before runs.parquet is compacted
+            if len(read_runs(out)) >= 2:
                 break
             if driver.poll() is not None:
                 pytest.fail("the sweep finished before it could be killed")
@@ -115,7 +118,7 @@ def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_pa
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, mid-sweep
         driver.wait()
-    before = pd.read_parquet(runs_file)
+    before = read_runs(out)  # what the killed sweep had recorded, journal included
     expected_keys = {s.key() for s in identity.resolve(expand(load_config(config)))}
     assert 2 <= len(before) < len(expected_keys)
 
