@@ -158,6 +158,13 @@ ROWS: list[Row] = [
     Row("lora_sb", "svd_niter", "-", "torch.svd_lowrank (utils/svd_utils.py)", None,
         "exact SVD (the limit of the randomized one)"),
     # ------------------------------------------------------------------ cg_lora
+    Row("cg_lora", "degenerate curvature factor",
+        "not discussed: K-FAC-reduce pools g by its token sum (Sec. 4.2)", _NO_CODE,
+        "not whitened (identity) when pooled energy < 1e-3 x per-token energy",
+        "under softmax attention without rotary embeddings the key projection's token-summed "
+        "output gradient is exactly 0 (the key-bias gradient), so its pooled S is round-off "
+        "and whitening by it moved W0 by noise (fp32 vs fp64 B0 A0 differed 126%); the "
+        "flagged layers are listed in each row's method_config.init_notes", kind="setting"),
     Row("cg_lora", "use_rslora", "rsLoRA scaling for all methods (Sec. 6.1)", _NO_CODE, True,
         "-"),
     Row("cg_lora", "init_examples", "batch 8 x 32 accumulations (Sec. 6.1)", _NO_CODE, 256, "-"),
