@@ -643,7 +643,9 @@ def _zero_unsupported(method: Any, hp: Any) -> str | None:
             f"{method.name}'s training callbacks rewrite parameters/optimizer state directly, "
             "which ZeRO partitions (they must go through methods.base.ParamAccess)"
         )
-    return None
+    # A method whose own optimizer needs whole matrices says why (lora_pro's full momentum).
+    reason = getattr(method, "zero_unsupported_reason", None)
+    return reason(hp) if reason is not None else None
 
 
 def expand(cfg: SweepConfig) -> list[TrialSpec]:

@@ -110,6 +110,7 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
     """Fill in method_config, protocol and data_fingerprint (each task's data read once;
     `read_data=False` marks the fingerprint NOT_READ, which no worker's data matches)."""
     import tasks
+    from harness.pipelines import task_protocol
 
     fingerprints: dict[tuple[str, str | None], str] = {}
     model_types: dict[tuple[str, str | None, str | None], str | None] = {}
@@ -146,7 +147,8 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
                     "method_config": method_config(
                         spec.method, spec.method_overrides, model_types[model]
                     ),
-                    "protocol": tasks.get_task(spec.task).protocol,
+                    # The model family can change it (text-to-text on encoder-decoders).
+                    "protocol": task_protocol(tasks.get_task(spec.task), model_types[model]),
                     "data_fingerprint": fingerprints[where],
                 }
             )

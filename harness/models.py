@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +53,38 @@ class ModelSource:
 
 
 RANDOM_INIT_PREFIX = "random-init/"  # seeded random weights, for offline smoke runs only
+RANDOM_INIT_REVISION = "random-init: NOT pretrained"
+# Small seeded random T5 (T5-base's shape scaled down: relu FFN, tied embeddings) for offline
+# text-to-text smoke runs; no T5 weights or SentencePiece model can be had on this machine.
+RANDOM_T5_ID = "random-init/t5-d64-l2"
+RANDOM_T5_CONFIG = dict(
+    d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
+    vocab_size=2048, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+    decoder_start_token_id=0, tie_word_embeddings=True,
+)  # fmt: skip
+# Its tokenizer: word-level, built deterministically from the trial's training text.
+RANDOM_T5_TOKENIZER = "word-level tokenizer built from the task's train text, NOT T5's"
+# Encoder-decoder families whose classification/regression tasks run text-to-text.
+SEQ2SEQ_MODEL_TYPES = frozenset({"t5"})
+
+
+def random_init_model_type(model_id: str) -> str:
+    """The family of a random-init id (ViT or T5); any other random-init id is an error."""
+    from harness.image_models import RANDOM_INIT_ID as RANDOM_VIT_ID
+
+    known = {RANDOM_VIT_ID: "vit", RANDOM_T5_ID: "t5"}
+    if model_id not in known:
+        raise ValueError(f"unknown random-init model {model_id!r}; known: {', '.join(known)}")
+    return known[model_id]
 
 
 @functools.lru_cache(maxsize=16)
 def resolve_model(model_id: str, revision: str | None, model_dir: str | None) -> ModelSource:
     if model_id.startswith(RANDOM_INIT_PREFIX):
-        return ModelSource(model_id, model_id, "random-init", "random-init: NOT pretrained")
+        if model_id == RANDOM_T5_ID:
+            revision_note = f"{RANDOM_INIT_REVISION}; {RANDOM_T5_TOKENIZER}"
+            return ModelSource(model_id, model_id, "random-init", revision_note)
+        return ModelSource(model_id, model_id, "random-init", RANDOM_INIT_REVISION)
     if model_dir:
         candidate = Path(model_dir) / model_id
         if candidate.is_dir():
@@ -166,6 +193,11 @@ def model_structure(model_id: str, revision: str | None, model_dir: str | None) 
     from methods.targets import default_target_modules
 
     source = resolve_model(model_id, revision, model_dir)
+    if source.kind == "random-init" and random_init_model_type(model_id) == "t5":
+        with torch.device("meta"):
+            model = random_init_t5()
+        linear, shapes = _linear_layers(model)
+        return ModelStructure("t5", linear, default_target_modules("t5"), shapes)
     if source.kind == "random-init":
         from harness.image_models import random_init_vit
 
@@ -175,7 +207,12 @@ def model_structure(model_id: str, revision: str | None, model_dir: str | None) 
         return ModelStructure("vit", linear, default_target_modules("vit"), shapes)
     config = AutoConfig.from_pretrained(source.location, revision=_rev(source))
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
+        if config.model_type in SEQ2SEQ_MODEL_TYPES:  # with its LM head, as it is trained
+            from transformers import AutoModelForSeq2SeqLM
+
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        else:
+            model = AutoModel.from_config(config)
     linear, shapes = _linear_layers(model)
     positions = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
@@ -237,4 +274,94 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32) -> L
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so EOS can stand in.
         tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, [], source, model.config.model_type)
+
+
+def source_model_type(source: ModelSource) -> str:
+    """The family (`config.model_type`) of a resolved model without loading weights: it
+    decides the pipeline (harness.pipelines.head_kind) before the model is loaded."""
+    if source.kind == "random-init":
+        return random_init_model_type(source.model_id)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.location, revision=_rev(source)).model_type
+
+
+# ---------------------------------------------------------------- encoder-decoders (T5)
+
+
+def random_init_t5(seed: int = 0):
+    """`RANDOM_T5_CONFIG` with seeded weights: the same "pretrained" body for every method
+    and seed of a sweep (the caller's RNG state is left as it was)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(T5Config(**RANDOM_T5_CONFIG))
+
+
+def word_level_tokenizer(texts: Sequence[str], vocab_size: int, required: Sequence[str] = ()):
+    """A T5-shaped tokenizer (<pad>=0, </s>=1 appended, <unk>=2) over lower-cased words and
+    punctuation runs, built from `texts`: the stand-in for T5's SentencePiece model, which
+    cannot be had offline. Deterministic (vocabulary by descending count, ties by the word),
+    so every trial on the same rows gets the same ids; the words of `required` (the label
+    strings) always get their own ids, or classes would collapse into <unk>."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    splitter = pre_tokenizers.Whitespace()
+
+    def words(text: str) -> list[str]:
+        return [w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))]
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab: dict[str, int] = {w: i for i, w in enumerate(specials)}
+    for text in required:
+        for w in words(text):
+            vocab.setdefault(w, len(vocab))
+    if len(vocab) > vocab_size:
+        raise ValueError(f"{len(vocab)} required tokens exceed the vocabulary of {vocab_size}")
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in words(text):
+            counts[w] = counts.get(w, 0) + 1
+    for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def load_seq2seq_lm(
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    *,
+    tokenizer_texts: Sequence[str] = (),
+    required_words: Sequence[str] = (),
+) -> LoadedModel:
+    """A pretrained encoder-decoder with its LM head (nothing new: no head modules), or the
+    random-init T5 with a word-level tokenizer built from `tokenizer_texts` (its row says
+    both: `RANDOM_INIT_REVISION`, `RANDOM_T5_TOKENIZER`)."""
+    if source.kind == "random-init":
+        model = random_init_t5().to(dtype)
+        tokenizer = word_level_tokenizer(
+            list(tokenizer_texts), RANDOM_T5_CONFIG["vocab_size"], list(required_words)
+        )
+        return LoadedModel(model, tokenizer, [], source, "t5")
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        source.location, revision=_rev(source), dtype=dtype
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
     return LoadedModel(model, tokenizer, [], source, model.config.model_type)

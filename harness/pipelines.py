@@ -2,7 +2,12 @@
 
 A pipeline owns the model loading, batching and evaluation that differ between
 sequence classification/regression (logits), causal LMs (greedy generation scored by the
-task's answer extraction) and image classification; `harness.trial` reads the same for all.
+task's answer extraction), image classification, and text-to-text classification/regression
+on encoder-decoders (label strings scored by likelihood, harness.seq2seq_pipeline);
+`harness.trial` reads the same for all. The pipeline kind is the task's head, except that a
+classification/regression task on an encoder-decoder family (`SEQ2SEQ_MODEL_TYPES`) is served
+text-to-text (`head_kind`), and then its row records the text-to-text protocol
+(`task_protocol`): a task stays one declarative entry whichever model family runs it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness.generate import greedy_generate
-from harness.models import LoadedModel, ModelSource, load_causal_lm, load_sequence_model
+from harness.models import (
+    SEQ2SEQ_MODEL_TYPES,
+    LoadedModel,
+    ModelSource,
+    load_causal_lm,
+    load_sequence_model,
+    source_model_type,
+)
 from harness.sharding import Shard
 from harness.train import cycle, predict
-from tasks.base import DataSplits, Task
+from tasks.base import DataSplits, HeadKind, Task
 from tasks.generative import IGNORE_INDEX, GenerativeTask
 
 
@@ -101,6 +113,21 @@ class Pipeline:
         return self.evaluators[split]()
 
 
+def head_kind(task: Task, model_type: str | None) -> HeadKind:
+    """The pipeline a task runs on this model family: "seq2seq" for a classification or
+    regression task on an encoder-decoder, the task's own head otherwise."""
+    if model_type in SEQ2SEQ_MODEL_TYPES and task.head in ("classification", "regression"):
+        return "seq2seq"
+    return task.head
+
+
+def task_protocol(task: Task, model_type: str | None) -> str:
+    """The eval protocol a row of this task on this model family records (and is keyed by):
+    the text-to-text form's when served text-to-text, the task's own otherwise."""
+    form = task.text_to_text() if head_kind(task, model_type) == "seq2seq" else None
+    return form.protocol if form is not None else task.protocol
+
+
 def build_pipeline(
     task: Task,
     splits: DataSplits,
@@ -113,6 +140,16 @@ def build_pipeline(
     dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
     """`dtype`: the weights as loaded (float32, or bfloat16 for large distributed trials)."""
+    model_type = source_model_type(source)
+    if model_type in SEQ2SEQ_MODEL_TYPES and task.head not in ("classification", "regression"):
+        raise ValueError(
+            f"task {task.id} (head {task.head!r}) has no pipeline on the encoder-decoder "
+            f"{source.model_id} ({model_type}); only classification/regression run text-to-text"
+        )
+    if head_kind(task, model_type) == "seq2seq":
+        from harness.seq2seq_pipeline import seq2seq_pipeline
+
+        return seq2seq_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
     if task.head in ("classification", "regression"):
         return _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
     if task.head == "causal_lm":

@@ -16,6 +16,10 @@ Presets (YAML under harness/configs/presets/, loaded like any sweep file):
   QNLI, MRPC) - AdamW, cosine schedule, 1 epoch, rsLoRA scaling for all methods, inits on
   256 examples; CG-LoRA, LoRA-GA (official preset), LoRA-One (official preset), rsLoRA, full
   FT. Rank, LR grids and batch size are lost in extraction (our choices, marked in the file).
+- `t5-base-cglora-glue`: the same on T5-base (CG-LoRA Table 2), text-to-text: the class is
+  generated as a word and scored by its label-sequence likelihood (harness.seq2seq_pipeline,
+  tasks/glue.py); every method adapts q,k,v,o,wi,wo (LoRA-GA's T5 code: all linear layers
+  but the LM head; the T5 family default is q,k,v,o).
 
 Method sections may name a method preset (`preset: official`, methods/presets.py): its
 values, with the section's `overrides` on top.
@@ -41,6 +45,7 @@ PRESETS: dict[str, str] = {
     "mistral-7b-lorasb": "mistral_7b_lorasb.yaml",
     "gemma2-9b-lorasb": "gemma2_9b_lorasb.yaml",
     "roberta-base-cglora-glue": "roberta_base_cglora_glue.yaml",
+    "t5-base-cglora-glue": "t5_base_cglora_glue.yaml",
 }
 
 # config.json fields that determine the parameter shapes (rope, dropout etc. left default).
@@ -67,6 +72,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192,
         "tie_word_embeddings": True,
     },
+    "google-t5/t5-base": {
+        "model_type": "t5", "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
+        "num_heads": 12, "vocab_size": 32128, "feed_forward_proj": "relu",
+        "decoder_start_token_id": 0, "tie_word_embeddings": True,
+    },
 }  # fmt: skip
 
 # Published totals (embeddings included; tied embeddings counted once).
@@ -75,6 +85,7 @@ KNOWN_PARAMS: dict[str, int] = {
     "google/gemma-2b": 2_506_172_416,
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "google/gemma-2-9b": 9_241_705_984,
+    "google-t5/t5-base": 222_903_552,  # with its LM head (tied to the embeddings)
 }
 
 

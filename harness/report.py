@@ -13,8 +13,11 @@ network fetch) and `<out>/report/report.md` with the same plots as PNG files bes
 Sections: leaderboard (test mean +- std over seeds at the chosen LR, n seeds, chosen LR,
 failed/diverged counts, majority baseline; 95% CI and paired-vs-LoRA columns when
 leaderboard.parquet has them), score vs LR per task (selection split and test split, each
-labelled), training loss at the chosen LR, cost vs score with the Pareto front, published
-numbers (`harness.published.compare`), failed runs, method configurations, provenance.
+labelled; every method of the study), training loss at the chosen LR (mean and a band
+over seeds, all methods of a task on the same axes), cost vs score with the Pareto front,
+published numbers (`harness.published.compare`), the mean rank of each method over tasks
+with a bootstrap interval and the seed papers' claims with verdicts (`harness.claims`),
+failed runs, method configurations, provenance.
 Every text taken from the data is HTML-escaped (Markdown: table-escaped and HTML-escaped).
 """
 
@@ -321,6 +324,7 @@ def _lr_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> Fi
     fig.suptitle(f"{task}: score vs learning rate", fontsize=11)
     n = ok.groupby(["method", "lr"]).size()
     seeds = str(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    absent = sorted(set(colors) - set(ok["method"].astype(str)))
     return Figure(
         name=f"{FIG_PREFIX}lr_{_slug(task)}.png",
         title=f"{task}: score vs learning rate",
@@ -329,7 +333,15 @@ def _lr_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> Fi
             f"({seeds} seeds). Left: selection split (carved from train; "
             "the LR with the best mean here is chosen). Right: test split (what the leaderboard "
             "reports). Hollow star: the chosen LR (only LRs whose every seed finished ok are "
-            "eligible)." + (" Dashed: majority-class baseline." if has_base else "")
+            "eligible)."
+            + (" Dashed: majority-class baseline." if has_base else "")
+            + (
+                " Every method of the study is drawn; no finished run on this task: "
+                + ", ".join(absent)
+                + "."
+                if absent
+                else " Every method of the study is drawn."
+            )
         ),
         png=_png(fig),
     )
@@ -342,7 +354,7 @@ def _loss_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> 
         return None
     fig = _new_figure(9, 4.2)
     ax = fig.subplots()
-    drawn, windows = 0, set()
+    drawn, windows, n_seeds = 0, set(), set()
     for row in board[board["task"] == task].itertuples():
         if _blank(row.chosen_lr):
             continue
@@ -356,10 +368,15 @@ def _loss_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> 
             continue
         steps = np.array(sorted(per_step))
         mean = np.array([np.mean(per_step[s]) for s in steps])
+        std = np.array([np.std(per_step[s], ddof=1) if len(per_step[s]) > 1 else 0.0
+                        for s in steps])  # fmt: skip
         window = max(1, len(steps) // 15)
         windows.add(window)
         smooth = pd.Series(mean).rolling(window, min_periods=1, center=True).mean()
+        band = pd.Series(std).rolling(window, min_periods=1, center=True).mean()
+        n_seeds.add(len(g))
         color = colors.get(row.method)
+        ax.fill_between(steps, smooth - band, smooth + band, color=color, alpha=0.15, lw=0)
         ax.plot(steps, mean, color=color, alpha=0.25, lw=0.8)
         ax.plot(
             steps, smooth, color=color, lw=1.6, label=f"{row.method} (lr {fmt_lr(row.chosen_lr)})"
@@ -377,8 +394,11 @@ def _loss_figure(task: str, runs: pd.DataFrame, board: pd.DataFrame, colors) -> 
         name=f"{FIG_PREFIX}loss_{_slug(task)}.png",
         title=f"{task}: training loss at the chosen LR",
         caption=(
-            "runs.parquet `loss_curve`, averaged over the seeds at each method's chosen LR. "
-            f"Faint: the per-step mean; solid: its centred moving average over {w} step(s)."
+            "runs.parquet `loss_curve`, averaged over the seeds at each method's chosen LR, "
+            "every method of the task on the same axes. "
+            f"Faint: the per-step mean; solid: its centred moving average over {w} step(s); "
+            "band: ± the std over seeds at each step (ddof 1, same moving average; "
+            f"{', '.join(str(n) for n in sorted(n_seeds))} seeds)."
         ),
         png=_png(fig),
     )
@@ -576,6 +596,101 @@ def _published_section(board: pd.DataFrame, runs: pd.DataFrame) -> Section:
         blocks.append(("h3", "Same model family, task, method and metric; rank differs or unknown"))
         blocks.append(("table", Table(headers, as_rows(other))))
     return Section("Published numbers", blocks)
+
+
+def _rank_section(runs: pd.DataFrame, board: pd.DataFrame) -> Section:
+    from harness.claims import mean_ranks
+
+    title = "Mean rank over tasks"
+    try:
+        table, notes = mean_ranks(runs, board)
+    except (ResultsError, ValueError) as err:
+        return Section(title, [("warn", f"Mean ranks could not be computed: {err}")])
+    blocks: list[tuple[str, Any]] = [
+        (
+            "p",
+            "Each method's rank on each task (1 = best mean test score over seeds at its "
+            "chosen LR; ties share the average rank) and its mean over tasks. The 95% interval "
+            "is the bootstrap the leaderboard uses: every replicate resamples, per task, the "
+            "seeds (common to all methods) and the test items (the same for every method), "
+            "recomputes each method's score and re-ranks (200 replicates). A task enters only "
+            "if every method has a chosen LR there, on the same settings and test items.",
+        )
+    ]
+    blocks += [("warn", n) for n in notes]
+    if table.empty:
+        blocks.append(("p", "No task has every method ranked on comparable runs."))
+        return Section(title, blocks)
+    rank_cols = [c for c in table.columns if c.startswith("rank ")]
+    headers = ["method", *rank_cols, "mean rank", "95% CI low", "95% CI high", "tasks"]
+    rows = [
+        [r["method"], *(f"{r[c]:.1f}" for c in rank_cols), f"{r['mean_rank']:.2f}",
+         f"{r['ci_low']:.2f}", f"{r['ci_high']:.2f}", _fmt_any(r["n_tasks"])]
+        for r in table.to_dict("records")
+    ]  # fmt: skip
+    blocks.append(("table", Table(headers, rows)))
+    return Section(title, blocks)
+
+
+def _claims_section(runs: pd.DataFrame) -> Section:
+    from harness.claims import CLAIMS_YAML, ClaimsError, evaluate_claims, load_claims
+
+    title = "Claims"
+    try:
+        claims = load_claims()
+    except ClaimsError as err:
+        return Section(title, [("warn", f"The claims registry could not be loaded: {err}")])
+    blocks: list[tuple[str, Any]] = [
+        (
+            "p",
+            f"The seed papers' claims ({CLAIMS_YAML.name}, results/published/), each checked "
+            "on this output's runs, one row per claim and task. delta = A - B; the interval is "
+            "a paired 95% bootstrap (beats: over seeds and test items at each side's chosen "
+            "LR; loss, std and LR-spread forms: over paired seeds). Supported: the interval "
+            "excludes 0 in the claimed direction; contradicted: it excludes 0 in the other; "
+            "within noise: it contains 0. A claim is checked only between runs of the same "
+            "task, model, protocol, data, budget and test items; otherwise, or with no runs of "
+            "a side, or fewer than 2 paired seeds, it is not testable here and the row says why.",
+        )
+    ]
+    if runs.empty:
+        blocks.append(("p", f"No {RUNS_FILE} here: every claim is not testable."))
+    result = evaluate_claims(runs if not runs.empty else pd.DataFrame(), claims)
+    counts = result["verdict"].value_counts()
+    blocks.append(
+        (
+            "p",
+            f"{len(claims)} claims, {len(result)} rows: "
+            + ", ".join(f"{int(v)} {k}" for k, v in counts.items()),
+        )
+    )
+    headers = [
+        "claim", "paper", "about", "task", "A", "B", "verdict", "delta (A - B)", "95% CI",
+        "seeds", "why / detail", "checkable form", "claim in words", "source",
+    ]  # fmt: skip
+    rows = []
+    for r in result.to_dict("records"):
+        ci = NA if _blank(r["ci_low"]) else f"[{fmt_delta(r['ci_low'])}, {fmt_delta(r['ci_high'])}]"
+        rows.append(
+            [
+                r["claim_id"],
+                r["paper"],
+                r["about"],
+                r["task"],
+                r["a"],
+                r["b"],
+                r["verdict"],
+                fmt_delta(r["delta"]),
+                ci,
+                _fmt_any(r["n_seeds"] or None),
+                "; ".join(x for x in (r["why"], r["detail"]) if x),
+                r["form"],
+                r["claim"],
+                r["source"],
+            ]  # fmt: skip
+        )
+    blocks.append(("table", Table(headers, rows)))
+    return Section(title, blocks)
 
 
 def _data_flags(kinds: list[str], sources: list[str]) -> list[str]:
@@ -778,6 +893,7 @@ def _build_sections(
     sections.append(Section("Summary", summary))
 
     sections.append(Section("Leaderboard", [("ltable", _leaderboard_table(board))]))
+    sections.append(_rank_section(runs, board))
 
     lr_blocks: list[tuple[str, Any]] = []
     loss_blocks: list[tuple[str, Any]] = []
@@ -802,6 +918,7 @@ def _build_sections(
     sections.append(Section("Training loss", loss_blocks or [none]))
     sections.append(Section("Cost vs score", cost_blocks or [none]))
     sections.append(_published_section(board, runs))
+    sections.append(_claims_section(runs))
 
     if "status" in runs.columns:
         bad = runs[runs["status"] != "ok"]

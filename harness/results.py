@@ -620,6 +620,29 @@ def _headline_items(run: pd.Series) -> tuple[np.ndarray, np.ndarray | None] | No
     return np.asarray(record["pred"]), np.asarray(record["label"])
 
 
+Items = tuple[np.ndarray, np.ndarray | None]
+
+
+def paired_items(
+    mine: pd.DataFrame, theirs: pd.DataFrame
+) -> tuple[list[Items], list[Items], list[int]] | str:
+    """Per-seed headline outcomes of two sets of runs (each indexed by seed, one LR), paired by
+    seed on the same test items: (a, b, seeds), or why they cannot be paired."""
+    seeds = sorted(set(mine.index) & set(theirs.index))
+    if not seeds:
+        return "no seed in common"
+    a = [_headline_items(mine.loc[s]) for s in seeds]
+    b = [_headline_items(theirs.loc[s]) for s in seeds]
+    if any(x is None for x in a + b):
+        return "per-item test outcomes not recorded"
+    if any(
+        len(x[0]) != len(y[0]) or (x[1] is not None and not np.array_equal(x[1], y[1]))
+        for x, y in zip(a, b, strict=True)
+    ):
+        return "not the same test items (count or labels differ)"
+    return a, b, [int(s) for s in seeds]
+
+
 def _metric_fn(task_id: str, metric: str):
     """Recomputes the headline metric on a resample of items."""
     name = metric.split("/")[-1]
@@ -669,16 +692,10 @@ def _compare_with_reference(
         theirs = theirs[theirs["lr"] == ref_lr].set_index("seed")
         if not _same_evaluation(mine, theirs):
             continue  # another model, data, protocol, budget or test set: not comparable
-        seeds = sorted(set(mine.index) & set(theirs.index))
-        a = [_headline_items(mine.loc[s]) for s in seeds]
-        b = [_headline_items(theirs.loc[s]) for s in seeds]
-        if not seeds or any(x is None for x in a + b):
-            continue  # runs from before per-item outcomes were recorded
-        if any(
-            len(x[0]) != len(y[0]) or (x[1] is not None and not np.array_equal(x[1], y[1]))
-            for x, y in zip(a, b, strict=True)
-        ):
-            continue  # not the same test items (labels differ): no paired comparison
+        paired = paired_items(mine, theirs)
+        if isinstance(paired, str):
+            continue  # no common seeds, no per-item outcomes, or not the same test items
+        a, b, _ = paired
         needs_task = any(x[1] is not None for x in a + b) and (
             str(row["test_metric"]).split("/")[-1] != "accuracy"
         )
@@ -704,13 +721,22 @@ COMPARABLE_COLUMNS = (
 )  # fmt: skip
 
 
-def _same_evaluation(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
+def setting_differences(mine: pd.DataFrame, theirs: pd.DataFrame) -> list[str]:
+    """The COMPARABLE_COLUMNS on which two sets of runs do not all agree (empty: comparable).
+
+    The one rule for "settings match": the leaderboard's vs-LoRA column and the claims check
+    (harness.claims) both use it."""
+    differ = []
     for column in COMPARABLE_COLUMNS:
         if column in mine.columns and column in theirs.columns:
             values = set(mine[column].astype(str)) | set(theirs[column].astype(str))
             if len(values) > 1:
-                return False
-    return True
+                differ.append(column)
+    return differ
+
+
+def _same_evaluation(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
+    return not setting_differences(mine, theirs)
 
 
 def write_leaderboard(out_dir: str | Path) -> pd.DataFrame:

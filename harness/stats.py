@@ -65,3 +65,52 @@ def paired_bootstrap(
 def _take(pair: tuple[np.ndarray, np.ndarray | None], items: np.ndarray):
     predictions, labels = pair
     return predictions[items], None if labels is None else labels[items]
+
+
+def paired_seed_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    *,
+    replicates: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """statistic(a) - statistic(b) with a 95% bootstrap interval over paired seeds.
+
+    a[i] and b[i] are seed i's values (a number, or a row of numbers, e.g. one per LR); each
+    replicate resamples seed indices with replacement, the same ones for both sides, and
+    recomputes the difference. Only seed noise is in this interval (no test-item resampling):
+    it is the one for statistics of per-seed numbers such as training losses."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"need the same non-zero number of seeds, got {len(a)} and {len(b)}")
+    observed = float(statistic(a) - statistic(b))
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(replicates)
+    for r in range(replicates):
+        pick = rng.integers(0, len(a), len(a))
+        diffs[r] = statistic(a[pick]) - statistic(b[pick])
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {
+        "delta": observed,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "within_noise": bool(low <= 0.0 <= high) if np.isfinite([low, high]).all() else None,
+    }
+
+
+def direction_verdict(ci_low: float, ci_high: float, claimed_sign: int) -> str | None:
+    """'supported' when the 95% interval excludes 0 on the claimed side (claimed_sign +1:
+    delta > 0 claimed, -1: delta < 0 claimed), 'contradicted' when it excludes 0 on the other
+    side, 'within noise' when it contains 0; None for a non-finite interval."""
+    if claimed_sign not in (1, -1):
+        raise ValueError(f"claimed_sign must be +1 or -1, got {claimed_sign}")
+    if not np.isfinite([ci_low, ci_high]).all():
+        return None
+    low, high = claimed_sign * ci_low, claimed_sign * ci_high
+    low, high = min(low, high), max(low, high)
+    if low > 0:
+        return "supported"
+    if high < 0:
+        return "contradicted"
+    return "within noise"

@@ -34,6 +34,7 @@ def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
     from ray import tune
 
     row = run_trial(specs[config["index"]])
+    row.update(ray_node())  # which node of a cluster ran it (hostname alone may not tell)
     if specs[config["index"]].get("smoke"):  # a GPU shared by fractional trials
         row = _smoke_row(row)
     tune.report(
@@ -44,6 +45,16 @@ def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
             "test_score": row.get("test_score"),
         }
     )
+
+
+def ray_node() -> dict[str, str]:
+    """The Ray node this process runs on: its IP and node id (extra run columns)."""
+    import ray
+
+    return {
+        "ray_node_ip": ray.util.get_node_ip_address(),
+        "ray_node_id": ray.get_runtime_context().get_node_id(),
+    }
 
 
 # Smoke rows: fractional GPUs give no timing or memory numbers.

@@ -22,8 +22,8 @@ import methods
 import tasks
 from harness import identity, memory, provenance, sanity
 from harness.config import KEY_VERSION, TrialSpec
-from harness.models import resolve_model
-from harness.pipelines import build_pipeline
+from harness.models import resolve_model, source_model_type
+from harness.pipelines import build_pipeline, task_protocol
 from harness.train import Diverged, train
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
@@ -129,15 +129,17 @@ def load_data_and_model(
         selection_rows=budget.selection_rows,
         test_rows=budget.test_rows,
     )
-    row["protocol"] = task.protocol
+    # The protocol depends on the model family too (text-to-text on encoder-decoders).
+    source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
+    protocol = task_protocol(task, source_model_type(source))
+    row["protocol"] = protocol
     row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
-    _check_identity(spec, task.protocol, identity.data_fingerprint(splits.provenance))
+    _check_identity(spec, protocol, identity.data_fingerprint(splits.provenance))
     row["data_kind"] = _data_kind(splits.provenance)
     row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
     row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
 
-    # Model and batching for the task's head kind (sequence, causal LM, image).
-    source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
+    # Model and batching for the head kind (sequence, causal LM, image, seq2seq).
     row["model_revision"], row["model_source"] = source.revision, f"{source.kind}:{source.location}"
     pipeline = build_pipeline(
         task,

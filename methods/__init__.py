@@ -16,6 +16,7 @@ __all__ = [
 
 # Importing a method module registers it.
 from methods import (  # noqa: E402,F401
+    altlora,
     cg_lora,
     dora,
     full_ft,
@@ -23,6 +24,7 @@ from methods import (  # noqa: E402,F401
     lora_ga,
     lora_one,
     lora_plus,
+    lora_pro,
     lora_sb,
     lora_xs,
     pissa,

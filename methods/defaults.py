@@ -233,6 +233,95 @@ ROWS: list[Row] = [
         "torch AdamW (bias-corrected, eps 1e-8) after simultaneous preconditioning",
         "peft's formulation (tested equal to create_riemannian_optimizer); a gradient "
         "transform, so it also runs under ZeRO", kind="setting"),
+    # ------------------------------------------------------------------ altlora
+    Row("altlora", "alternate", "alternating projections (arXiv 2505.12455; text not in "
+        "shared/papers)",
+        "LogTrainer(alt=...) (logtrainer.py training_step); main_lora.py hard-codes "
+        "lora_alt = False, i.e. joint A and B steps", True,
+        "the method's defining alternation; alternate: false gives the committed script's "
+        "joint updates"),
+    Row("altlora", "alternate_every", "not in shared/papers",
+        "10 optimizer steps (logtrainer.py LogTrainer.alter_freq; steps 1-9 update both, then "
+        "A-only and B-only blocks, starting with A)", 10, "-"),
+    Row("altlora", "beta1", "low-rank momentum",
+        "0.9 (logtrainer.py create_optimizer betas=(0.9, 0.999); optimizer_new.py class "
+        "default 0.999; betas[1] and eps unused by altlora)", 0.9, "-"),
+    Row("altlora", "precond_damping", "-",
+        "1e-5 (logtrainer.py create_optimizer reg=1e-5; class default 1e-3)", 1e-5, "-"),
+    Row("altlora", "bias_correction", "-", "True (create_optimizer correct_bias=True)", True,
+        "-"),
+    Row("altlora", "use_rslora", "SDS-LoRA Table 4 ran it with alpha / sqrt(r), alpha = 4",
+        "plain alpha / r (main_lora.py peft LoraConfig)", False,
+        "official; use_rslora: true, alpha: 4 gives SDS-LoRA Table 4's setting"),
+    Row("altlora", "rank", "8 (SDS-LoRA Table 4 rank not restated)",
+        "8 (main_lora.py lora_rank = 8)", 8, "-"),
+    Row("altlora", "alpha", "4 (SDS-LoRA, rsLoRA-style)", "16 (main_lora.py lora_alpha = 16)",
+        16.0, "official; one alpha shared by the LoRA family"),
+    Row("altlora", "dropout", "-", "0.05 (main_lora.py LoraConfig lora_dropout)", 0.0,
+        "one dropout (0) for the LoRA family"),
+    Row("altlora", "learning rate and schedule",
+        "SDS-LoRA Table 10: cosine; LR 2e-4 Gemma-2B / LLaMA2-7B, 1e-4 LLaMA3-8B",
+        "5e-5 (run_main.sh, LLaMA-3-8B MetaMathQA), cosine scheduler attached but the "
+        "optimizer reads defaults['lr'], so the step size stays constant",
+        "the sweep's LR grid, scaled by the harness schedule",
+        "every method here follows the harness schedule", kind="setting"),
+    Row("altlora", "weight decay", "-",
+        "1e-5 hard-coded (create_optimizer), after the step, on the updated factor only",
+        "budget.weight_decay (default 0) as SGD's L2 term on every trainable",
+        "one weight-decay setting for all methods; a gradient transform cannot know it",
+        kind="setting"),
+    Row("altlora", "optimizer / joint steps", "Algorithm 1: projected gradient + low-rank "
+        "momentum",
+        "optimizer_new.py altlora.step: joint steps project g_B with the already-updated A; "
+        "non-LoRA parameters are never updated",
+        "torch SGD on a gradient transform (projection, transported momentum, bias correction); "
+        "joint steps use pre-step factors; the head gets AdamW's direction",
+        "a gradient transform so it also runs under ZeRO; the head needs training on GLUE "
+        "(the official runs have none)", kind="setting"),
+    # ------------------------------------------------------------------ lora_pro
+    Row("lora_pro", "full_momentum",
+        "Algorithm: AdamW moments of the full equivalent gradient (arXiv 2407.18242; text not "
+        "in shared/papers); SDS-LoRA Table 4 ran it 'without tracking the momentum'",
+        "always (DeepSpeed-0.15.1/deepspeed/runtime/zero/stage_1_and_2.py "
+        "lorapro_full_adjustment, Trainer optim='sgd'; no switch)", True,
+        "official; full_momentum: false is SDS-LoRA's variant (adjusted gradients into AdamW)"),
+    Row("lora_pro", "use_rslora", "SDS-LoRA Table 4: alpha / sqrt(r), alpha = 4",
+        "False for lora-pro-full (scripts/llama-2-7b_transformers.sh); the adjustment "
+        "hard-codes scaling_factor = 16 / 8", False,
+        "official; use_rslora: true, alpha: 4 gives SDS-LoRA's setting; s follows the config"),
+    Row("lora_pro", "rank", "not in shared/papers",
+        "8 (minimal_lora_llama2_math_transformers.py lora_r)", 8,
+        "-"),
+    Row("lora_pro", "alpha", "4 (SDS-LoRA, rsLoRA-style)",
+        "16 (minimal_lora_llama2_math_transformers.py lora_alpha)", 16.0, "official"),
+    Row("lora_pro", "damping", "-",
+        "1e-8 (stage_1_and_2.py delta in pinv(B^T B + delta I), pinv(A A^T + delta I))",
+        1e-8, "-"),
+    Row("lora_pro", "Adam of the equivalent gradient",
+        "AdamW on the equivalent gradient",
+        "beta 0.9 / 0.999, eps 1e-8 hard-coded; bias correction at step t + 1 (global_step "
+        "incremented before use); V's product in bf16 (stage_1_and_2.py)",
+        "same constants; bias correction at step t; fp32 moments",
+        "the official off-by-one makes its first update 0.74 sign(g~) and its B = 0 branch "
+        "dead code (the general formulas agree at B = 0, tested)", kind="setting"),
+    Row("lora_pro", "clipping and weight decay", "-",
+        "clip coefficient from the raw gradients' norm applied to the final SGD direction; "
+        "weight_decay 0 (HF SGD, coupled L2)",
+        "harness clips the raw gradients; budget.weight_decay decoupled on A and B",
+        "one clipping/decay rule for every method here", kind="setting"),
+    Row("lora_pro", "learning rate and schedule",
+        "not in shared/papers; SDS-LoRA Table 10 (LoRA-based): cosine, 2e-4 / 1e-4",
+        "2e-5, cosine, warmup_ratio 0.03 (minimal_lora_llama2_math_transformers.py)",
+        "the sweep's LR grid, the harness schedule",
+        "every method here follows the harness schedule", kind="setting"),
+    Row("lora_pro", "non-LoRA trainables", "-",
+        "none in the official runs (its SGD would apply raw gradients; A/B paired by position)",
+        "the task head gets AdamW (full_momentum) / AdamW (transform); pairs found by name",
+        "GLUE needs a trained head; its equivalent gradient is its gradient", kind="setting"),
+    Row("lora_pro", "DeepSpeed ZeRO", "-", "ZeRO-2 only (the modified stage_1_and_2.py)",
+        "full_momentum refused (harness.config); full_momentum: false supported",
+        "the official optimizer state needs whole A, B; ZeRO hands an optimizer flat "
+        "partitions. The transform runs on assembled gradients", kind="setting"),
 ]  # fmt: skip
 
 

@@ -72,6 +72,12 @@ class LoraXSLinear(nn.Module):
         )
         self.lora_R = nn.Parameter(torch.zeros(rank, rank, dtype=dtype, device=device))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as peft's LoRA layers expose it: model code reads a
+        linear layer's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.lora_B @ self.lora_R @ self.lora_A
 

@@ -176,6 +176,12 @@ class SdsLoraLinear(nn.Module):
         self.register_buffer("sds_QA", torch.zeros(n, rank, dtype=dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as peft's LoRA layers expose it: model code reads a
+        linear layer's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, reparameterized={self.reparameterized}"
 

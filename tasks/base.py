@@ -6,13 +6,38 @@ metrics; the harness runs the model in between.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 
-HeadKind = Literal["classification", "regression", "causal_lm", "image_classification"]
+# "seq2seq" is never a task's own head: the harness serves a classification/regression task
+# text-to-text when the model is an encoder-decoder (harness.pipelines.head_kind), through
+# the task's `text_to_text()` form.
+HeadKind = Literal["classification", "regression", "causal_lm", "image_classification", "seq2seq"]
+
+
+@dataclass(frozen=True)
+class TextToText:
+    """A classification/regression task read as text-to-text (an encoder-decoder generates
+    the class as a word), declared by the task so the harness needs no per-task code.
+
+    protocol: the eval protocol id of this form (prompts, verbalizer, scoring rule), recorded
+        in the row instead of the task's own: the same rows scored another way are another
+        setting.
+    sources / targets: rows -> input strings / target strings (what the loss is on).
+    candidates: the strings scored at evaluation, one per class (classification, in label
+        order) or per value on a grid (regression).
+    predictions: (N, len(candidates)) log-likelihoods -> the predictions `Task.metrics` takes.
+    """
+
+    protocol: str
+    sources: Callable[[pd.DataFrame], list[str]]
+    targets: Callable[[pd.DataFrame], list[str]]
+    candidates: tuple[str, ...]
+    predictions: Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,10 @@ class Task:
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
+
+    def text_to_text(self) -> TextToText | None:
+        """The task's text-to-text form for encoder-decoder models; None: it has none."""
+        return None
 
     def summarize(self, test_metrics: dict[str, float]) -> dict[str, float]:
         """Add suite-level metrics computed across test splits (e.g. a macro average)."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks import sandbox
 from tasks.base import DataSplits
 from tasks.data import load_split, roles_provenance, split_roles, subsample
 from tasks.generative import GenerativeTask
@@ -98,6 +99,13 @@ class CodeTask(GenerativeTask):
             selection,
             {"humaneval": test},
             decoding=DECODING,
+            # how this machine enforces the protocol's sandbox limits (varies by host)
+            sandbox={
+                "isolation": sandbox.ISOLATION_DESCRIPTION,
+                "memory_limit": sandbox.describe_memory_limit(
+                    protocol.MEMORY_MB, protocol.MAX_PROCS
+                ),
+            },
         )
         return DataSplits(train, selection, {"humaneval": test}, provenance)
 

@@ -8,7 +8,10 @@ HumanEval-on-the-mirror test skips, when the mirror is absent.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -246,6 +249,218 @@ def test_refuses_without_isolation_unless_fallback_allowed(monkeypatch):
     assert res.isolation.startswith("none: forced off by a test")
 
 
+# ------------------------------------------------------------ memory: per run, not per process
+
+
+def _fork_and_allocate(n: int, mb: int) -> str:
+    """A program whose n forked children each touch mb MB, then report their total RSS."""
+    return f"""
+import os, time
+r, w = os.pipe()
+kids = []
+for _ in range({n}):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            block = bytearray({mb} * 1024 * 1024)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            os.write(w, b"k")
+            time.sleep(2)
+            os._exit(0)
+        except MemoryError:
+            os._exit(3)
+    kids.append(pid)
+os.set_blocking(r, False)
+got, deadline = 0, time.time() + 8
+while got < {n} and time.time() < deadline:
+    try:
+        got += len(os.read(r, 64))
+    except BlockingIOError:
+        time.sleep(0.05)
+rss_kb = 0
+for pid in kids:
+    try:
+        status = open(f"/proc/{{pid}}/status").read().splitlines()
+        rss_kb += next(int(x.split()[1]) for x in status if x.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        pass
+print(f"allocated {{got}} of {n}; children RSS {{rss_kb // 1024}} MB", flush=True)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+assert codes == [0] * {n}, codes
+"""
+
+
+def _children_rss_mb(res: sandbox.SandboxResult) -> int:
+    for line in res.stdout_tail.splitlines():
+        if line.startswith("allocated"):
+            return int(line.split("RSS ")[1].split()[0])
+    return 0
+
+
+@pytest.fixture(params=["active", "rlimit-fallback"])
+def memory_mechanism(request, monkeypatch) -> str:
+    """Each memory test on the mechanism active here, and on the forced rlimit fallback."""
+    if request.param == "rlimit-fallback":
+        monkeypatch.setattr(
+            sandbox,
+            "memory_limit_status",
+            lambda: sandbox.MemoryLimitStatus(False, "", "forced off by a test"),
+        )
+    return request.param
+
+
+def test_forked_children_together_cannot_exceed_memory_mb(memory_mechanism):
+    # 6 children x 100 MB = 600 MB > memory_mb: each got 512 MB before (the run held 600+)
+    res = _run(_fork_and_allocate(6, 100), memory_mb=512, max_procs=8, timeout_s=15.0)
+    assert not res.passed and res.status == "failed", (res.stdout_tail, res.memory_limit)
+    assert "allocated 6 of 6" not in res.stdout_tail, res.stdout_tail
+    assert _children_rss_mb(res) <= 512, res.stdout_tail
+    # the issue's case: 6 children x 160 MB under memory_mb=200 held 952 MB
+    res = _run(_fork_and_allocate(6, 160), memory_mb=200, timeout_s=15.0)
+    assert not res.passed and "allocated 6 of 6" not in res.stdout_tail, res.stdout_tail
+    assert _children_rss_mb(res) <= 200, res.stdout_tail
+
+
+def test_forked_children_well_under_memory_mb_pass(memory_mechanism):
+    res = _run(_fork_and_allocate(6, 20), memory_mb=512, max_procs=8, timeout_s=15.0)
+    assert res.status == "passed", (res.stderr_tail, res.memory_limit)
+    assert "allocated 6 of 6" in res.stdout_tail
+
+
+def test_the_memory_mechanism_is_recorded(memory_mechanism):
+    res = _run("print('hi')", memory_mb=512, max_procs=8)
+    assert res.status == "passed", res.stderr_tail
+    if sandbox.memory_limit_status().cgroup2:
+        assert res.memory_limit.startswith("cgroup2:memory.max=512MB/run"), res.memory_limit
+    else:
+        assert res.memory_limit.startswith("rlimit:AS=64MB/process,NPROC=8(<=512MB/run)"), (
+            res.memory_limit
+        )
+        assert sandbox.memory_limit_status().reason in res.memory_limit
+    assert res.memory_limit.split(";peak")[0] == sandbox.describe_memory_limit(512, 8)
+
+
+def test_rlimit_fallback_lowers_the_process_count_and_refuses_too_little_memory(monkeypatch):
+    monkeypatch.setattr(
+        sandbox,
+        "memory_limit_status",
+        lambda: sandbox.MemoryLimitStatus(False, "", "forced off by a test"),
+    )
+    # 256 MB / 16 processes = 16 MB: below what the interpreter needs, so fewer processes
+    desc = sandbox.describe_memory_limit(256, 16)
+    assert desc.startswith("rlimit:AS=32MB/process,NPROC=8(<=256MB/run),NPROC lowered"), desc
+    res = _run(_fork_and_allocate(8, 1), memory_mb=256, max_procs=16)  # 1 + 8 > 8 processes
+    assert res.status == "failed" and "BlockingIOError" in res.stderr_tail, res.stderr_tail
+    with pytest.raises(ValueError, match="below the 32 MB"):
+        _run("print('hi')", memory_mb=16)
+
+
+def test_cgroup2_limit_counts_the_whole_run(monkeypatch):
+    status = sandbox.memory_limit_status()
+    if not status.cgroup2:
+        pytest.skip(f"no cgroup v2 memory limit here: {status.reason}")
+    made: list[str] = []
+    real_make = sandbox._make_cgroup
+
+    def spy(*args):
+        made.append(real_make(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sandbox, "_make_cgroup", spy)
+    # each child may use 200 MB (RLIMIT_AS = memory_mb), but 2 x 200 MB > the run's 256 MB
+    res = _run(_fork_and_allocate(2, 200), memory_mb=256, max_procs=8, timeout_s=15.0)
+    assert not res.passed and "allocated 2 of 2" not in res.stdout_tail, res.stdout_tail
+    assert "oom_kills=" in res.memory_limit, res.memory_limit
+    assert len(made) == 1 and not os.path.exists(made[0])  # the run's cgroup is removed
+
+
+# ------------------------------------------------ filesystem: a minimal root, not the host's
+
+
+def test_host_files_are_not_visible(tmp_path_factory):
+    host_dir = Path(tempfile.mkdtemp(prefix="sbx-host-", dir="/tmp"))
+    try:
+        host_dir.chmod(0o755)
+        secret = host_dir / "world-readable.txt"
+        secret.write_text("host data")
+        secret.chmod(0o644)
+        program = (
+            "import os\n"
+            "for path in ('/etc/hostname', '/etc/passwd', " + repr(str(secret)) + ", "
+            + repr(str(REPO / "pyproject.toml")) + "):\n"
+            "    assert not os.path.exists(path), path\n"
+            "for path in ('/etc', '/home', '/run', '/var', '/sys'):\n"
+            "    assert not os.path.exists(path), path\n"
+        )  # fmt: skip
+        assert Path("/etc/hostname").exists() or Path("/etc/passwd").exists()
+        res = _run(program)
+        assert res.status == "passed", res.stderr_tail
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def test_world_writable_host_unix_socket_is_unreachable():
+    host_dir = Path(tempfile.mkdtemp(prefix="sbx-sock-", dir="/tmp"))
+    path = host_dir / "open.sock"
+    try:
+        host_dir.chmod(0o755)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            path.chmod(0o777)
+            server.listen(1)
+            server.setblocking(False)
+            program = (
+                "import socket\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                f"s.connect({str(path)!r})\n"
+                "print('connected')\n"
+            )
+            res = _run(program)
+            assert res.status == "failed" and "connected" not in res.stdout_tail
+            assert "FileNotFoundError" in res.stderr_tail, res.stderr_tail
+            with pytest.raises(BlockingIOError):
+                server.accept()  # nobody reached the host's socket
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def test_a_concurrent_runs_program_file_is_not_visible():
+    token = f"OTHER-RUN-{uuid.uuid4().hex}"
+    parent = Path(sandbox._sandbox_parent())
+    other: dict[str, sandbox.SandboxResult] = {}
+    thread = threading.Thread(
+        target=lambda: other.update(
+            res=_run(f"# {token}\nimport time\ntime.sleep(3)\n", timeout_s=15.0)
+        )
+    )
+    thread.start()
+    try:
+        found: list[Path] = []
+        deadline = time.monotonic() + 5.0
+        while not found and time.monotonic() < deadline:
+            for candidate in parent.glob("sandbox-*/program.py"):
+                try:
+                    if token in candidate.read_text():
+                        found.append(candidate)
+                except OSError:
+                    continue
+            time.sleep(0.05)
+        assert found, "the other run's program file never appeared on the host"
+        program = (
+            "import glob, os\n"
+            f"assert not os.path.exists({str(found[0])!r})\n"
+            f"for path in glob.glob({str(parent / 'sandbox-*' / 'program.py')!r}):\n"
+            # the token split in two, so that this program's own file does not hold it
+            f"    assert {token[:10]!r} + {token[10:]!r} not in open(path).read(), path\n"
+        )
+        res = _run(program)
+        assert res.status == "passed", res.stderr_tail
+    finally:
+        thread.join()
+    assert other["res"].status == "passed", other["res"].stderr_tail
+
+
 # --------------------------------------------------------------------------- HumanEval
 
 TOY = {
@@ -333,6 +548,22 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(humaneval_proble
     expected = (164 - len(wrong_ids) - 1 + 0.5 * len(wrong_ids) + 1 / 3) / 164
     assert out["pass@1"] == pytest.approx(expected)
     assert elapsed < 90.0  # about 20-40 s on a loaded 2-core machine
+    # every run got this machine's per-run memory mechanism, and the result says which
+    expected_limit = sandbox.describe_memory_limit(he.MEMORY_MB, he.MAX_PROCS)
+    assert out["sandbox"]["memory_limit"] == [expected_limit]
+    assert out["sandbox"]["isolation"] == [sandbox.ISOLATION_DESCRIPTION]
+
+
+def test_code_task_provenance_records_the_sandbox_mechanism(mirror_dir):
+    from tasks import get_task
+
+    task = get_task("codealpaca_offline")
+    splits = task.splits(mirror_dir, train_rows=4, selection_rows=2, test_rows=2)
+    assert splits.provenance["sandbox"] == {
+        "isolation": sandbox.ISOLATION_DESCRIPTION,
+        "memory_limit": sandbox.describe_memory_limit(he.MEMORY_MB, he.MAX_PROCS),
+    }
+    assert "mem=1024MB/run" in task.protocol and f"procs={he.MAX_PROCS}" in task.protocol
 
 
 # ------------------------------------------------------- forged passes (hostile tester)

@@ -46,18 +46,28 @@ from typing import Any
 from tasks.sandbox import SandboxResult, run_with_verdict
 
 TIMEOUT_S = 5.0
-MEMORY_MB = 1024
+MEMORY_MB = 1024  # for the whole run (all its processes), see tasks.sandbox
+# At most this many processes (threads included) per run. The official harness disables
+# fork/subprocess, so a completion needs one; with the rlimit fallback (no cgroup v2 here) the
+# per-process cap is MEMORY_MB / MAX_PROCS = 256 MB, with a cgroup v2 limit it is MEMORY_MB.
+# Which one a run got is in SandboxResult.memory_limit, evaluate()["sandbox"] and the task's
+# provenance ("sandbox").
+MAX_PROCS = 4
 # v2: the verdict is a secret only the trusted runner holds (v1's printed marker could be
 # forged by a completion that read it from its own file): a change of judging, so a new id.
+# v3: memory is capped per run, not per process (v2: 1024 MB x 16 processes), and the
+# program sees a minimal read-only root (interpreter + program), not the host's filesystem.
 PROTOCOL = (
-    "humaneval-v2:program=prompt+completion+test+check(entry_point);"
-    f"sandbox=netns+ro-mntns+pidns+uid+rlimits;timeout={TIMEOUT_S:g}s;mem={MEMORY_MB}MB;"
+    "humaneval-v3:program=prompt+completion+test+check(entry_point);"
+    "sandbox=netns+minimal-ro-root+pidns+uid+rlimits;"
+    f"timeout={TIMEOUT_S:g}s;mem={MEMORY_MB}MB/run(cgroup2|rlimit-split);procs={MAX_PROCS};"
     "verdict=stdin-secret-after-check;extract=fence|redefine|stop-seq;pass@k=chen2021-unbiased"
 )
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_RUN_NOTES = re.compile(r";(?:peak|oom_kills)=[^;]*")  # per-run notes in memory_limit
 _MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""")
 
 
@@ -79,6 +89,7 @@ def run_problem(
     *,
     timeout_s: float = TIMEOUT_S,
     memory_mb: int = MEMORY_MB,
+    max_procs: int = MAX_PROCS,
     allow_network_fallback: bool = False,
 ) -> SandboxResult:
     """Execute one completion against its tests in the sandbox (passed as described above)."""
@@ -89,6 +100,7 @@ def run_problem(
         "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n",
         timeout_s=timeout_s,
         memory_mb=memory_mb,
+        max_procs=max_procs,
         allow_network_fallback=allow_network_fallback,
     )
 
@@ -171,6 +183,8 @@ class SampleResult:
     passed: bool
     status: str
     stderr_tail: str
+    memory_limit: str = ""  # how the run's memory was capped (SandboxResult.memory_limit)
+    isolation: str = ""
 
 
 def evaluate(
@@ -187,7 +201,8 @@ def evaluate(
 
     Completions are used as given (apply `extract_completion` first for raw model output).
     Returns {"pass@k": ..., "samples": [SampleResult, ...] in input order, "per_task":
-    {task_id: [bool, ...]}, "n_samples": int}.
+    {task_id: [bool, ...]}, "n_samples": int, "sandbox": {"memory_limit": [...],
+    "isolation": [...]}} (the distinct mechanisms the runs got, peak/OOM notes stripped).
     """
     samples = list(samples)
     unknown = sorted({t for t, _ in samples} - set(problems))
@@ -209,7 +224,10 @@ def evaluate(
             memory_mb=memory_mb,
             allow_network_fallback=allow_network_fallback,
         )
-        return SampleResult(task_id, index, res.passed, res.status, res.stderr_tail[-500:])
+        return SampleResult(
+            task_id, index, res.passed, res.status, res.stderr_tail[-500:],
+            res.memory_limit, res.isolation,
+        )  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(run_one, indexed))
@@ -221,4 +239,8 @@ def evaluate(
         "samples": results,
         "per_task": dict(per_task),
         "n_samples": len(results),
+        "sandbox": {
+            "memory_limit": sorted({_RUN_NOTES.sub("", r.memory_limit) for r in results}),
+            "isolation": sorted({r.isolation for r in results}),
+        },
     }
