@@ -60,9 +60,9 @@ from scipy.stats import rankdata
 from harness.config import ConfigError
 from harness.results import (
     ResultsError,
-    _known_task,
-    _metric_fn,
     build_leaderboard,
+    known_task,
+    metric_fn,
     paired_items,
     setting_differences,
 )
@@ -445,10 +445,10 @@ def _evaluate_one(
             return _untestable(paired)
         xa, xb, _ = paired
         if any(x[1] is not None for x in xa + xb) and metric.split("/")[-1] != "accuracy":
-            if not _known_task(task):
+            if not known_task(task):
                 return _untestable(f"task {task} is unknown here (metric not recomputable)")
         result = paired_bootstrap(
-            xa, xb, _metric_fn(task, metric), replicates=replicates, seed=seed
+            xa, xb, metric_fn(task, metric), replicates=replicates, seed=seed
         )
         detail = f"{metric}; {lrs}; bootstrap over seeds and test items"
         params = [pd.to_numeric(d["trainable_params"], errors="coerce").mean() for d in (a, b)]
@@ -589,7 +589,7 @@ def mean_ranks(
             notes.append(f"{task}: left out ({paired})")
             continue
         metric = str(ref["test_metric"].iloc[0])
-        per_task.append((task, items, _metric_fn(task, metric)))
+        per_task.append((task, items, metric_fn(task, metric)))
     if not per_task:
         return pd.DataFrame(), notes
 

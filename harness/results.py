@@ -643,7 +643,7 @@ def paired_items(
     return a, b, [int(s) for s in seeds]
 
 
-def _metric_fn(task_id: str, metric: str):
+def metric_fn(task_id: str, metric: str):
     """Recomputes the headline metric on a resample of items."""
     name = metric.split("/")[-1]
 
@@ -659,7 +659,7 @@ def _metric_fn(task_id: str, metric: str):
     return score
 
 
-def _known_task(task_id: str) -> bool:
+def known_task(task_id: str) -> bool:
     import tasks
 
     try:
@@ -699,13 +699,13 @@ def _compare_with_reference(
         needs_task = any(x[1] is not None for x in a + b) and (
             str(row["test_metric"]).split("/")[-1] != "accuracy"
         )
-        if needs_task and not _known_task(row["task"]):
+        if needs_task and not known_task(row["task"]):
             notes.append(
                 f"{row['method']} on {row['task']}: no paired comparison with {ref}: task "
                 f"{row['task']!r} is not known to this checkout (its metric cannot be recomputed)"
             )
             continue
-        result = paired_bootstrap(a, b, _metric_fn(row["task"], row["test_metric"]))
+        result = paired_bootstrap(a, b, metric_fn(row["task"], row["test_metric"]))
         board.loc[i, ["vs_lora_delta", "vs_lora_ci_low", "vs_lora_ci_high"]] = [
             result["delta"],
             result["ci_low"],
