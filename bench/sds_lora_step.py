@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import methods  # noqa: E402
 import methods.sds_lora as sds  # noqa: E402
 from harness import memory  # noqa: E402
-from harness.bench import MODEL_ID, _real_batches  # noqa: E402
+from harness.bench import MODEL_ID, real_batches  # noqa: E402
 from harness.models import load_sequence_model, resolve_model  # noqa: E402
 from harness.train import train_step  # noqa: E402
 from methods.targets import default_target_modules  # noqa: E402
@@ -63,7 +63,7 @@ def setup(method: str, rank: int, device: torch.device, warmup: int = 1):
     (`warmup` > 1: still in it, i.e. the same plug-in module computing plain LoRA)."""
     torch.manual_seed(0)
     loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
-    batch = {k: v.to(device) for k, v in _real_batches(loaded.tokenizer, 1)[0][0].items()}
+    batch = {k: v.to(device) for k, v in real_batches(loaded.tokenizer, 1)[0][0].items()}
     impl = methods.get_method(method)
     overrides = {"rank": rank} | ({"warmup_steps": warmup} if method == "sds_lora" else {})
     hp = impl.hyperparams(overrides)

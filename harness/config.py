@@ -6,11 +6,13 @@ collected into one `ConfigError` message (the CLI exits with code 2).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -107,6 +109,26 @@ class EvalConfig(_Strict):
     max_new_tokens: int | None = Field(
         None, gt=0, description="generative tasks: decoding cap (None = the task's protocol)"
     )
+    # Forgetting (harness/forgetting.py): measured, never trained on, so outside the key.
+    forgetting_corpus: str = Field(
+        "auto",
+        description="causal-LM tasks: general text whose LM loss is measured before and "
+        "after training: auto | wikitext | shipped | none | a UTF-8 text file",
+    )
+    forgetting_tokens: int = Field(2048, gt=1, description="forgetting: corpus tokens read")
+    forgetting_window: int = Field(256, gt=1, description="forgetting: tokens per window")
+
+    @field_validator("forgetting_corpus")
+    @classmethod
+    def _known_corpus(cls, value: str) -> str:
+        named = ("auto", "wikitext", "shipped", "none")
+        if value not in named and not Path(value).is_file():
+            raise ValueError(f"{value!r} is neither one of {', '.join(named)} nor a text file")
+        return value
+
+
+# Eval options that change no trained or reported task number: never in a run's key.
+_MEASUREMENT_ONLY_OPTIONS = ("forgetting_corpus", "forgetting_tokens", "forgetting_window")
 
 
 class Resources(_Strict):
@@ -140,6 +162,46 @@ class RayConfig(_Strict):
     shared_storage: bool = Field(
         False, description="declare a local-looking storage_path as shared by every node"
     )
+
+
+class MlflowTracking(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="None = a file store in <output_dir>/mlruns (offline)"
+    )
+    experiment_name: str | None = Field(None, description="None = the sweep's name")
+
+
+class WandbTracking(_Strict):
+    project: str | None = Field(None, description="None = the sweep's name")
+    group: str | None = None
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="offline: runs stay under <output_dir>/wandb until synced"
+    )
+
+
+class TrackingConfig(_Strict):
+    """Live experiment tracking (harness/tracking.py): trials report to Ray Tune while they
+    train, and Ray's logger callbacks forward the reports. None of it changes numbers, so
+    none of it enters a run's key."""
+
+    report_every: int | None = Field(
+        None, gt=0, description="report loss, LR and grad norm every N steps; None = "
+        "steps // 10 (about 10 reports a trial, plus one per intermediate eval)",
+    )  # fmt: skip
+    mlflow: MlflowTracking | bool | None = Field(
+        None, description="MLflow logger; None = the offline default (see `default_logger`)"
+    )
+    wandb: WandbTracking | bool | None = Field(None, description="Weights & Biases logger")
+    tensorboard: bool | None = Field(None, description="Tune's TensorBoard (TBX) logger")
+    early_stop: Literal["none", "asha"] = Field(
+        "none",
+        description="asha: stop weak LR candidates early, within each (method, task, seed); "
+        "stopped trials are recorded as `stopped`, never eligible for the leaderboard",
+    )
+    asha_grace_steps: int | None = Field(
+        None, gt=0, description="ASHA: steps before any stop; None = steps // 4"
+    )
+    asha_reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/factor per rung")
 
 
 class DistributedConfig(_Strict):
@@ -243,8 +305,19 @@ class SweepConfig(_Strict):
     distributed: DistributedConfig | None = Field(
         None, description="multi-GPU trials (Ray Train + DeepSpeed); None = single device"
     )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    save_adapters: Literal["none", "all", "chosen"] = Field(
+        "none",
+        description="save each trial's trained adapter under <output_dir>/adapters/<key>/; "
+        "chosen: keep only the chosen LR's (deleted for the others at the sweep's end)",
+    )
     output_dir: str
     data_dir: str | None = Field(None, description=f"data mirror; default ${DATA_DIR_ENV}")
+    data_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="hub dataset id -> branch, tag or commit to read it at; unnamed hub "
+        "datasets are read at their current commit, resolved once by the driver and recorded",
+    )
     model_dir: str | None = Field(None, description=f"local model folders; ${MODEL_DIR_ENV}")
 
     @model_validator(mode="before")
@@ -333,6 +406,9 @@ class TrialSpec(BaseModel):
     data_dir: str | None
     model_dir: str | None
     threads: int = 1
+    # Hub dataset id -> commit the trial reads it at (provenance: the data's content
+    # fingerprint is keyed, so this is not).
+    data_revisions: dict[str, str] | None = None
     distributed: DistributedConfig | None = None
     smoke: bool = False
     method_config: dict[str, Any] | None = None
@@ -345,13 +421,16 @@ class TrialSpec(BaseModel):
 
     def _payload(self) -> dict[str, Any]:
         payload = self.model_dump(
-            exclude={"sweep", "data_dir", "model_dir", "threads", *_IDENTITY_FIELDS}
+            exclude={"sweep", "data_dir", "model_dir", "threads", "data_revisions",
+                     *_IDENTITY_FIELDS}  # fmt: skip
         )
         # Options added after results were published count only when set, so the keys of
         # existing runs (and with them resumption) stay valid.
         for section, option in _LATER_OPTIONS:
             if payload[section].get(option) is None:
                 payload[section].pop(option, None)
+        for option in _MEASUREMENT_ONLY_OPTIONS:
+            payload["eval"].pop(option, None)
         for name in _LATER_FIELDS:
             if not payload.get(name):
                 payload.pop(name, None)
@@ -427,8 +506,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and fully validate a sweep file; raises ConfigError listing every problem."""
+def load_config(
+    path: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    assignments: list[str] | None = None,
+) -> SweepConfig:
+    """Read and fully validate a sweep file; raises ConfigError listing every problem.
+
+    `assignments` are command-line `dotted.key=value` overrides (`apply_assignments`),
+    applied to the file's mapping before validation, so they are checked like the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -439,7 +525,74 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw.update(overrides or {})
+    if assignments:
+        raw = apply_assignments(raw, assignments)
     return validate_config(raw, source=str(path))
+
+
+# Keys a section accepts besides its fields (consumed by a before-validator).
+_EXTRA_SECTION_KEYS: dict[type, tuple[str, ...]] = {MethodSweep: ("preset",)}
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model or container type behind Optional[...] / Annotated[...]."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, UnionType):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _override_error(text: str, why: str) -> ConfigError:
+    return ConfigError(f"override {text!r}: {why}")
+
+
+def apply_assignments(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """`raw` with each `dotted.key=value` set; the value is read as YAML (`10`, `1e-3`,
+    `[0, 1]`, `null`, a string). A key path the sweep schema does not have is refused with
+    the valid choices; mapping sections (`methods`, a method's `overrides`) take any name,
+    which validation then checks (unknown method, unknown hyperparameter)."""
+    raw = copy.deepcopy(raw)
+    for text in assignments:
+        dotted, sep, value_text = text.partition("=")
+        path = dotted.strip().split(".")
+        if not sep or not all(path):
+            raise _override_error(text, "expected key=value, e.g. budget.max_steps=10")
+        try:
+            value = yaml.load(value_text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+        except yaml.YAMLError as err:
+            raise _override_error(text, f"value is not valid YAML: {err}") from err
+        node: dict[str, Any] = raw
+        schema: Any = SweepConfig
+        for depth, key in enumerate(path):
+            where = ".".join(path[:depth]) or "the top level"
+            if isinstance(schema, type) and issubclass(schema, BaseModel):
+                choices = [*schema.model_fields, *_EXTRA_SECTION_KEYS.get(schema, ())]
+                if key not in choices:
+                    raise _override_error(
+                        text, f"unknown key {key!r} in {where}; valid: {', '.join(choices)}"
+                    )
+                field = schema.model_fields.get(key)
+                schema = _unwrap(field.annotation) if field is not None else Any
+            elif get_origin(schema) is dict:
+                schema = _unwrap(get_args(schema)[1])
+            elif schema is not Any:
+                raise _override_error(text, f"{where} is not a section; set it whole")
+            if depth == len(path) - 1:
+                node[key] = value
+            else:
+                child = node.setdefault(key, {})
+                if child is None:
+                    child = node[key] = {}
+                if not isinstance(child, dict):
+                    raise _override_error(
+                        text, f"{'.'.join(path[: depth + 1])} is {child!r}, not a section"
+                    )
+                node = child
+    return raw
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> SweepConfig:
@@ -666,6 +819,7 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
             data_dir=cfg.resolved_data_dir(),
             model_dir=cfg.resolved_model_dir(),
             threads=threads,
+            data_revisions=dict(cfg.data_revisions) or None,
             distributed=cfg.distributed if cfg.distributed and cfg.distributed.enabled else None,
             smoke=cfg.resources.smoke,
         )

@@ -155,8 +155,11 @@ def train_run_name(spec: TrialSpec) -> str:
     return f"{spec.method}_{task}_lr{spec.lr:g}_s{spec.seed}_{spec.key()}"
 
 
-def tune_setup(cfg: SweepConfig, payload: list[dict[str, Any]], storage: str):
-    """(trainable, max_concurrent_trials, tune FailureConfig) for a distributed sweep."""
+def tune_setup(
+    cfg: SweepConfig, payload: list[dict[str, Any]], storage: str, adapters_dir: str | None = None
+):
+    """(trainable, max_concurrent_trials, tune FailureConfig) for a distributed sweep;
+    `adapters_dir`: copy each trial's saved adapter to `<adapters_dir>/<run key>/`."""
     import ray
     from ray import tune
 
@@ -167,41 +170,64 @@ def tune_setup(cfg: SweepConfig, payload: list[dict[str, Any]], storage: str):
     )
     train_storage = storage.rstrip("/") + f"/{cfg.name}_train"
     trainable = tune.with_resources(
-        tune.with_parameters(driver, specs=payload, train_storage=train_storage),
+        tune.with_parameters(
+            driver, specs=payload, train_storage=train_storage, adapters_dir=adapters_dir,
+            report_every=cfg.tracking.report_every,
+        ),  # fmt: skip
         {"cpu": DRIVER_CPUS},
     )
     failure = tune.FailureConfig(max_failures=dist.trial_max_failures)
     return trainable, max_concurrent, failure
 
 
-def driver(config: dict[str, Any], specs: list[dict[str, Any]], train_storage: str) -> None:
-    """The Tune function trainable of one distributed trial: fit a TorchTrainer, report."""
+def driver(
+    config: dict[str, Any],
+    specs: list[dict[str, Any]],
+    train_storage: str,
+    adapters_dir: str | None = None,
+    report_every: int | None = None,
+) -> None:
+    """The Tune function trainable of one distributed trial: fit a TorchTrainer (whose
+    rank 0 reports live through Ray's TuneReportCallback), report the row."""
     from ray import tune
 
-    row = run_distributed_trial(TrialSpec(**specs[config["index"]]), train_storage)
-    tune.report(
-        {
-            "record": json.dumps(row, default=str),
-            "status": row["status"],
-            "selection_score": row.get("selection_score"),
-            "test_score": row.get("test_score"),
-        }
-    )
+    from harness.tracking import final_report
+
+    spec = TrialSpec(**specs[config["index"]])
+    row = run_distributed_trial(spec, train_storage, adapters_dir, live=True,
+                                report_every=report_every)  # fmt: skip
+    tune.report(final_report(row, json.dumps(row, default=str)))
 
 
-def run_distributed_trial(spec: TrialSpec, train_storage: str) -> dict[str, Any]:
-    """One trial on `spec.distributed.world_size` Ray Train workers; never raises."""
+def run_distributed_trial(
+    spec: TrialSpec,
+    train_storage: str,
+    adapters_dir: str | None = None,
+    *,
+    live: bool = False,
+    report_every: int | None = None,
+) -> dict[str, Any]:
+    """One trial on `spec.distributed.world_size` Ray Train workers; never raises. With
+    `adapters_dir`, rank 0's adapter (see `_report_adapter`) is also copied to
+    `<adapters_dir>/<run key>/adapter/` (`save_adapter` is not in the key)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     dist = spec.distributed
     assert dist is not None
+    if adapters_dir and not dist.save_adapter:
+        dist = dist.model_copy(update={"save_adapter": True})
+        spec = spec.model_copy(update={"distributed": dist})
     started = time.perf_counter()
     try:
         resources = {"CPU": dist.cpus_per_worker} | ({"GPU": 1} if dist.use_gpu else {})
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"spec": spec.model_dump(mode="json")},
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"),
+                "live": live,
+                "report_every": report_every,
+            },
             torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=dist.world_size,
@@ -213,6 +239,7 @@ def run_distributed_trial(spec: TrialSpec, train_storage: str) -> dict[str, Any]
                 storage_path=train_storage,
                 failure_config=FailureConfig(max_failures=dist.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=_live_callbacks(live),
             ),
         )
         result = trainer.fit()
@@ -221,6 +248,8 @@ def run_distributed_trial(spec: TrialSpec, train_storage: str) -> dict[str, Any]
             raise RuntimeError(f"rank 0 returned no result row (got {type(row).__name__})")
         if result.checkpoint is not None and dist.save_adapter:
             row["adapter_path"] = result.checkpoint.path
+            if adapters_dir:
+                row.update(_copy_adapter(result.checkpoint, Path(adapters_dir) / spec.key()))
     except Exception as err:  # noqa: BLE001 - a row, never a lost trial
         row = base_row(spec, status=STATUS_FAILED, error=f"{type(err).__name__}: {err}")
         row["traceback"] = traceback.format_exc(limit=20)
@@ -339,7 +368,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     rank = ray.train.get_context().get_world_rank()
     row = base_row(spec)
     try:
-        _run_rank(spec, row, rank)
+        _run_rank(spec, row, rank, config.get("report_every") if config.get("live") else 0)
     except Diverged as err:  # the loss is all-reduced first: every rank raises together
         row.update(status=STATUS_DIVERGED, error=str(err))
     except SanityError as err:  # computed identically on every rank
@@ -350,7 +379,10 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     return row if rank == 0 else None
 
 
-def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
+def _run_rank(
+    spec: TrialSpec, row: dict[str, Any], rank: int, report_every: int | None = 0
+) -> None:
+    """`report_every`: live reports every N steps (None: the default interval; 0: none)."""
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -451,7 +483,8 @@ def _run_rank(spec: TrialSpec, row: dict[str, Any], rank: int) -> None:
     if grad_transform is not None:
         on_boundary = ClipAndTransform(engine.module, access, grad_transform, budget.max_grad_norm)
     result = _train(
-        engine, shares, spec, state, total_steps, pipeline, task, callbacks, access, on_boundary
+        engine, shares, spec, state, total_steps, pipeline, task, callbacks, access, on_boundary,
+        report_every=report_every,
     )
     row["sanity_callbacks"] = callbacks.summary()
     # Callbacks may rewrite replicated buffers (SDS-LoRA's bases): every rank must agree.
@@ -526,13 +559,22 @@ def _train(
     callbacks=(),
     access=None,
     on_boundary=None,
+    report_every: int | None = 0,
 ) -> dict[str, Any]:
     """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates (and clips, unless
     `on_boundary` does). The method's callbacks run after each optimizer step, through
-    `access` (ZeroParamAccess)."""
+    `access` (ZeroParamAccess). Every rank calls the live reports (`ray.train.report` is
+    collective); rank 0's reach Tune (harness.tracking's fields, as on one device)."""
+    import ray.train
     import torch.distributed as tdist
 
+    from harness.tracking import FINAL, STEP, report_interval
     from harness.train import check_divergence
+
+    interval = report_interval(report_every, total_steps) if report_every != 0 else 0
+
+    def report(metrics: dict[str, Any]) -> None:
+        ray.train.report({**metrics, STEP: metrics["step"], FINAL: False})
 
     dist = spec.distributed
     every = max(1, total_steps // 50)  # the loss-curve resolution of harness.train.train
@@ -563,9 +605,15 @@ def _train(
         if step % every == 0 or step == total_steps:
             window = losses[-every:]
             curve.append((step, sum(window) / len(window)))
+        if interval and step % interval == 0:
+            norm = engine.get_global_grad_norm()
+            report({"step": step, "train_loss": loss_value, "lr": float(engine.get_lr()[0]),
+                    **({"grad_norm": float(norm)} if norm is not None else {})})  # fmt: skip
         if spec.eval.every_steps and step % spec.eval.every_steps == 0 and step < total_steps:
             eval_curve.append((step, pipeline.evaluate("selection")[task.selection_metric]))
             engine.train()
+            if interval:
+                report({"step": step, "selection_score": eval_curve[-1][1]})
         if dist.checkpoint_every_steps and step % dist.checkpoint_every_steps == 0:
             if step < total_steps:
                 state.update(step=step, losses=losses, curve=curve, eval_curve=eval_curve,
@@ -819,6 +867,40 @@ def _report_adapter(module, state: dict[str, torch.Tensor], spec: TrialSpec, ran
             )  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"adapter": rank == 0}, checkpoint=checkpoint)
+
+
+def _live_callbacks(live: bool) -> list[Any]:
+    """Ray's TuneReportCallback forwards rank 0's `ray.train.report` metrics to the Tune
+    trial (live tracking); it exists only inside a Tune trial."""
+    if not live:
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def _copy_adapter(checkpoint, folder: Path) -> dict[str, Any]:
+    """The adapter Ray Train stored, copied beside the single-device trials' adapters
+    (harness.adapters layout: `adapter/` + `harness_adapter.json`; no probe file and no
+    stock-base conversion on this path yet)."""
+    import shutil
+
+    from harness.adapters import FORMAT_PEFT, META_FILE, folder_bytes
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.to_directory(tmp)
+        shutil.copytree(Path(tmp) / "adapter", folder / "adapter")
+    adapter = folder / "adapter"
+    meta = json.loads((adapter / "harness_trial.json").read_text())
+    peft_format = (adapter / "adapter_config.json").is_file()
+    meta |= {
+        "format": FORMAT_PEFT if peft_format else "trainable parameters (safetensors)",
+        "applies_to": "adapter/: the base model as the method's init left it",
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return {"adapter_path": str(folder), "adapter_bytes": folder_bytes(adapter)}
 
 
 def _merge_check(engine, method, probe, zero_stage: int, precision: str) -> str:

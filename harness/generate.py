@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from harness.progress import progress_bar
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -44,7 +46,8 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in progress_bar(starts, total=len(starts), desc="generate"):
             chunk = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

@@ -90,17 +90,25 @@ def _model_type(spec: TrialSpec) -> str:
     return model_structure(spec.model_id, spec.model_revision, spec.model_dir).model_type
 
 
-def task_data_fingerprint(task_id: str, spec: TrialSpec) -> str:
+def task_data_identity(task_id: str, spec: TrialSpec) -> tuple[str, dict[str, str]]:
+    """The task's data fingerprint and the commit each hub dataset it read was read at
+    (the spec's pinned revisions, else the current commits, resolved here once)."""
     import tasks
+    from tasks.data import hub_revisions, pinned_revisions
 
     budget = spec.budget
-    splits = tasks.get_task(task_id).splits(
-        spec.data_dir,
-        train_rows=budget.train_rows,
-        selection_rows=budget.selection_rows,
-        test_rows=budget.test_rows,
-    )
-    return data_fingerprint(splits.provenance)
+    with pinned_revisions(spec.data_revisions):
+        splits = tasks.get_task(task_id).splits(
+            spec.data_dir,
+            train_rows=budget.train_rows,
+            selection_rows=budget.selection_rows,
+            test_rows=budget.test_rows,
+        )
+    return data_fingerprint(splits.provenance), hub_revisions(splits.provenance)
+
+
+def task_data_fingerprint(task_id: str, spec: TrialSpec) -> str:
+    return task_data_identity(task_id, spec)[0]
 
 
 NOT_READ = "not-read"
@@ -113,6 +121,7 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
     from harness.pipelines import task_protocol
 
     fingerprints: dict[tuple[str, str | None], str] = {}
+    revisions: dict[tuple[str, str | None], dict[str, str]] = {}  # hub id -> commit read
     model_types: dict[tuple[str, str | None, str | None], str | None] = {}
     problems: list[str] = []
     out: list[TrialSpec] = []
@@ -133,7 +142,7 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
             fingerprints[where] = NOT_READ
         elif where not in fingerprints:
             try:
-                fingerprints[where] = task_data_fingerprint(spec.task, spec)
+                fingerprints[where], revisions[where] = task_data_identity(spec.task, spec)
             except Exception as err:  # noqa: BLE001 - reported as one error below
                 fingerprints[where] = ""
                 source = spec.data_dir or "the hub"
@@ -150,6 +159,9 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
                     # The model family can change it (text-to-text on encoder-decoders).
                     "protocol": task_protocol(tasks.get_task(spec.task), model_types[model]),
                     "data_fingerprint": fingerprints[where],
+                    # Trials read the same commits the driver fingerprinted.
+                    "data_revisions": {**(spec.data_revisions or {}), **revisions.get(where, {})}
+                    or None,
                 }
             )
         )

@@ -85,6 +85,8 @@ def resolve_model(model_id: str, revision: str | None, model_dir: str | None) ->
             revision_note = f"{RANDOM_INIT_REVISION}; {RANDOM_T5_TOKENIZER}"
             return ModelSource(model_id, model_id, "random-init", revision_note)
         return ModelSource(model_id, model_id, "random-init", RANDOM_INIT_REVISION)
+    # Callers without a config (harness bench, scripts) honour the variable as sweeps do.
+    model_dir = model_dir or os.environ.get("HARNESS_MODEL_DIR") or None
     if model_dir:
         candidate = Path(model_dir) / model_id
         if candidate.is_dir():

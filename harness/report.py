@@ -7,8 +7,11 @@ the runs on every row (methods, tasks, run/seed/failure counts, chosen LR, means
 otherwise (stale: written before a seed was appended, or edited) the report uses the
 rebuilt one and says so. Without runs.parquet, leaderboard.parquet is shown as it is. It
 writes
-`<out>/report/index.html` (self-contained: inline CSS, plots as base64 PNG, no script, no
-network fetch) and `<out>/report/report.md` with the same plots as PNG files beside it.
+`<out>/report/index.html` (self-contained: inline CSS, plots as base64 PNG, no network
+fetch; one inline script, `harness.report_interactive`, makes the leaderboard sortable and
+filterable and adds a Pareto explorer with axes of the reader's choice; without JavaScript
+the page is the static report) and `<out>/report/report.md` with the same plots as PNG
+files beside it (no interaction).
 
 Sections: leaderboard (test mean +- std over seeds at the chosen LR, n seeds, chosen LR,
 failed/diverged counts, majority baseline; 95% CI and paired-vs-LoRA columns when
@@ -36,6 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness import report_interactive
+from harness.plan import planned_keys
 from harness.results import (
     LEADERBOARD_FILE,
     RUNS_FILE,
@@ -145,6 +150,8 @@ def _md(v: Any) -> str:
 class Table:
     headers: list[str]
     rows: list[list[Any]]  # plain-text cells, escaped on output
+    # The raw value behind each cell (the leaderboard's in-page sorting), when there is one.
+    sort_keys: list[list[Any]] | None = None
 
     def html(self, cls: str = "") -> str:
         head = "".join(f"<th>{_h(c)}</th>" for c in self.headers)
@@ -221,11 +228,12 @@ def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     if not runs_there:
         return pd.DataFrame(), stored, []
     runs = read_runs(out)
-    quick = build_leaderboard(runs, compare=False)  # no bootstrap: cheap
+    planned = planned_keys(out)
+    quick = build_leaderboard(runs, compare=False, planned=planned)  # no bootstrap: cheap
     if stored is not None and leaderboard_is_current(stored, quick):
         board, notes = stored, []
     else:
-        board = build_leaderboard(runs)
+        board = build_leaderboard(runs, planned=planned)
         notes = (
             [
                 f"{LEADERBOARD_FILE} is out of date with {RUNS_FILE} (its rows or numbers "
@@ -236,6 +244,11 @@ def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             if stored is not None
             else []
         )
+    if "partial" in board and board["partial"].fillna(False).astype(bool).any():
+        rows = board[board["partial"].fillna(False).astype(bool)]
+        pairs = ", ".join(f"{r.method} on {r.task} ({r.n_missing} of {r.n_planned} trials "
+                          "missing)" for r in rows.itertuples())  # fmt: skip
+        notes.append(f"PARTIAL: the sweep has not finished: {pairs}; rerun it to complete them")
     return runs, board, notes + leaderboard_warnings(board)
 
 
@@ -484,7 +497,7 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
     headers += ["95% CI low" if c == "test_ci_low" else "95% CI high" for c in ci]
     headers += paired
     headers += ["trainable params", "init s", "train s", "peak MB", "samples/s"]
-    rows = []
+    rows, keys = [], []
     for r in board.to_dict("records"):
         row = [
             r.get("task"), r.get("method"), _fmt_any(r.get("test_metric")),
@@ -501,7 +514,15 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
             fmt_num(r.get("samples_per_s")),
         ]  # fmt: skip
         rows.append(row)
-    return Table(headers, rows)
+        # The same columns, unformatted: what a click on a header sorts by.
+        keys.append(
+            [r.get(c) for c in ("task", "method", "test_metric", "test_mean", "n_seeds",
+                                "chosen_lr", "selection_mean", "n_failed", "n_diverged",
+                                "majority_baseline", *ci, *paired, "trainable_params",
+                                "init_time_s", "train_time_s", "peak_memory_mb",
+                                "samples_per_s")]
+        )  # fmt: skip
+    return Table(headers, rows, sort_keys=keys)
 
 
 def _published_section(board: pd.DataFrame, runs: pd.DataFrame) -> Section:
@@ -892,7 +913,17 @@ def _build_sections(
         )
     sections.append(Section("Summary", summary))
 
-    sections.append(Section("Leaderboard", [("ltable", _leaderboard_table(board))]))
+    leaderboard = _leaderboard_table(board)
+    leaderboard_blocks: list[tuple[str, Any]] = [("ltable", leaderboard)]
+    if len(board):
+        from matplotlib.colors import to_hex
+
+        payload = report_interactive.explorer_payload(
+            board, leaderboard.headers, leaderboard.sort_keys or [],
+            {m: to_hex(c) for m, c in colors.items()},
+        )  # fmt: skip
+        leaderboard_blocks.append(("explorer", payload))  # HTML only: sorting, filters, plot
+    sections.append(Section("Leaderboard", leaderboard_blocks))
     sections.append(_rank_section(runs, board))
 
     lr_blocks: list[tuple[str, Any]] = []
@@ -971,7 +1002,7 @@ def _render_html(title: str, sections: list[Section]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_h(title)}</title>",
-        f"<style>{CSS}</style></head><body>",
+        f"<style>{CSS}{report_interactive.CSS}</style></head><body>",
         f"<h1>{_h(title)}</h1>",
         "<nav><p>" + " · ".join(
             f'<a href="#{_slug(s.title)}">{_h(s.title)}</a>' for s in sections
@@ -989,7 +1020,10 @@ def _render_html(title: str, sections: list[Section]) -> str:
             elif kind == "table":
                 parts.append(item.html())
             elif kind == "ltable":
-                parts.append(item.html(cls="nowrap"))
+                wrap = report_interactive.TABLE_WRAP_ID
+                parts.append(f'<div id="{wrap}">{item.html(cls="nowrap")}</div>')
+            elif kind == "explorer":
+                parts.append(report_interactive.explorer_html(item))
             elif kind == "fig":
                 data = base64.b64encode(item.png).decode("ascii")
                 parts.append(
@@ -1019,7 +1053,27 @@ def _render_md(title: str, sections: list[Section]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | Path) -> tuple[Path, Path]:
+def _bench_sections(out: Path, bench_json: str | Path | None) -> list[Section]:
+    """The `harness bench --all` table: the JSON given, else the newest found beside the
+    output dir (harness.bench.suite.find_bench_json); none when there is none."""
+    from harness.bench import suite
+
+    path = Path(bench_json) if bench_json else suite.find_bench_json(out)
+    if path is None:
+        return []
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ResultsError(f"cannot read the bench JSON {path}: {err}") from err
+    blocks: list[tuple[str, Any]] = [("p", f"From {path.name}.")]
+    blocks += [("p", line) for line in suite.describe(payload)]
+    blocks.append(("table", Table(suite.METHOD_HEADERS, suite.method_rows(payload))))
+    blocks.append(("h3", "Paper cost targets"))
+    blocks.append(("table", Table(suite.TARGET_HEADERS, suite.target_rows(payload))))
+    return [Section("Cost benchmark", blocks)]
+
+
+def write_report(out_dir: str | Path, bench_json: str | Path | None = None) -> tuple[Path, Path]:
     """Write `<out>/report/index.html` and `<out>/report/report.md` (+ PNGs); return both paths.
 
     Every file is staged before any is replaced: on an error (ResultsError, one line) no
@@ -1027,6 +1081,7 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     runs, board, notes = _read(out)
     sweep, sections = _build_sections(runs, board, notes)
+    sections += _bench_sections(out, bench_json)
     title = f"Report: {sweep} ({out.name})"
     report = out / REPORT_DIR
     html_path, md_path = report / HTML_FILE, report / MD_FILE

@@ -34,7 +34,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ RUN_COLUMNS = [
     "test_metric", "test_score", "test_metrics", "majority_baseline", "loss_curve",
     "eval_curve", "test_items", "sanity_init", "sanity_merge", "sanity_callbacks", "packages",
     "git_commit", "hostname", "device", "threads", "started_at", "traceback", "key_version",
-    "setting_key", "data_fingerprint", "legacy_key",
+    "setting_key", "data_fingerprint", "legacy_key", "adapter_path", "adapter_bytes",
 ]  # fmt: skip
 
 LEADERBOARD_COLUMNS = [
@@ -73,8 +73,11 @@ LEADERBOARD_COLUMNS = [
     "trainable_params",
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
-    "git_commit", "device", "setting_key", "n_duplicate_rows",
+    "git_commit", "device", "setting_key", "n_duplicate_rows", "lr_at_grid_edge",
+    "n_planned", "n_missing", "partial",
 ]  # fmt: skip
+PARTIAL_MARK = "PARTIAL"
+Planned = Mapping[tuple[str, str], set[str]]  # a sweep's keys per (method, task)
 
 
 class ResultsError(ConfigError):
@@ -154,11 +157,11 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(out: Path, exclusive: bool) -> Iterator[None]:
+def _locked(out: Path, exclusive: bool, create: bool = True) -> Iterator[None]:
     """flock on out/.runs.lock: exclusive for writers, shared for readers.
 
     A reader in a folder it cannot write to, where no lock file exists yet, reads unlocked
-    (no writer of this code has used the folder)."""
+    (no writer of this code has used the folder); so does a reader told not to `create` it."""
     path = out / LOCK_FILE
     fd: int | None = None
     try:
@@ -169,6 +172,8 @@ def _locked(out: Path, exclusive: bool) -> Iterator[None]:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                if not create:
+                    raise
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as err:
         if exclusive:
@@ -283,7 +288,8 @@ def normalise_runs(rows: list[dict]) -> pd.DataFrame:
     df = df[RUN_COLUMNS + extra]
     # Stable dtypes so appends of partial rows never change the schema.
     for col in ("trainable_params", "total_params", "expected_trainable_params", "steps",
-                "train_rows", "selection_rows", "seed", "key_version"):  # fmt: skip
+                "train_rows", "selection_rows", "seed", "key_version",
+                "adapter_bytes"):  # fmt: skip
         df[col] = pd.array(df[col], dtype="Int64")
     for col in ("lr", "init_time_s", "train_time_s", "eval_time_s", "wall_time_s",
                 "peak_memory_mb", "samples_per_s", "tokens_per_s", "final_train_loss",
@@ -299,7 +305,9 @@ def _fill_columns(runs: pd.DataFrame) -> pd.DataFrame:
     for col in RUN_COLUMNS:  # files written before a column existed
         if col not in runs.columns:
             runs[col] = pd.Series(
-                pd.NA, index=runs.index, dtype="Int64" if col == "key_version" else "string"
+                pd.NA,
+                index=runs.index,
+                dtype="Int64" if col in ("key_version", "adapter_bytes") else "string",
             )
     return runs
 
@@ -318,12 +326,13 @@ def has_runs(out_dir: str | Path) -> bool:
     return (out / RUNS_FILE).is_file() or any((out / JOURNAL_DIR).glob("*.json"))
 
 
-def read_runs(out_dir: str | Path) -> pd.DataFrame:
-    """runs.parquet with the journal's rows merged in (under a shared lock)."""
+def read_runs(out_dir: str | Path, *, write_nothing: bool = False) -> pd.DataFrame:
+    """runs.parquet with the journal's rows merged in (under a shared lock). With
+    `write_nothing` (dry runs, `harness status`) a missing lock file is not created."""
     out = Path(out_dir)
     if not out.is_dir():
         return normalise_runs([])
-    with _locked(out, exclusive=False):
+    with _locked(out, exclusive=False, create=not write_nothing):
         return _read_unlocked(out)[0]
 
 
@@ -499,7 +508,12 @@ def leaderboard_warnings(board: pd.DataFrame) -> list[str]:
     return notes
 
 
-def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFrame:
+def build_leaderboard(
+    runs: pd.DataFrame,
+    *,
+    compare: bool = True,
+    planned: Planned | None = None,
+) -> pd.DataFrame:
     """Per method x task: choose the LR by mean selection score over ok seeds, report test.
 
     Failed and diverged runs never enter a mean; they are counted. An LR is eligible only
@@ -508,7 +522,11 @@ def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFra
     be hidden by dropping it nor let a noisier mean over fewer seeds win. A tie on the
     selection mean goes to the smallest LR. Rows sharing a key (or an LR and seed) are one
     run: the last ok one counts, the others are dropped and counted in n_duplicate_rows.
-    `compare=False` skips the (slow) paired bootstrap against LoRA.
+    `compare=False` skips the (slow) paired bootstrap against LoRA. `planned` (the sweep's
+    keys per (method, task)) marks a row `partial` while any planned key has no finished
+    run (ok, failed or diverged): an interrupted sweep's leaderboard says so in the file.
+    `lr_at_grid_edge` says the chosen LR is the grid's smallest or largest (of >= 2): the
+    best LR may lie outside the grid.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
@@ -567,8 +585,14 @@ def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFra
             "setting_key": _unique(group["setting_key"]),
             "n_duplicate_rows": int(duplicates.get((method, task), 0)),
         }
+        if planned is not None and (method, task) in planned:  # else: not this sweep's
+            keys = planned[(method, task)]
+            missing = len(keys - set(group["key"]))
+            row.update(n_planned=len(keys), n_missing=missing, partial=missing > 0)
         if by_lr.notna().any():
             chosen = float(by_lr.idxmax())
+            grid = sorted(float(x) for x in group["lr"].unique())
+            row["lr_at_grid_edge"] = len(grid) >= 2 and chosen in (grid[0], grid[-1])
             best = ok[ok["lr"] == chosen]
             test_metrics = [json.loads(s) for s in best["test_metrics"]]
             row.update(
@@ -596,6 +620,10 @@ def build_leaderboard(runs: pd.DataFrame, *, compare: bool = True) -> pd.DataFra
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
     notes = _compare_with_reference(runs, board) if compare else []
     board["n_duplicate_rows"] = board["n_duplicate_rows"].fillna(0).astype("int64")
+    board["partial"] = board["partial"].astype("boolean")  # NA: no plan known
+    board["lr_at_grid_edge"] = board["lr_at_grid_edge"].astype("boolean")
+    for column in ("n_planned", "n_missing"):
+        board[column] = board[column].astype("Int64")
     if len(board):
         board = board.sort_values(
             ["task", "test_mean"], ascending=[True, False], na_position="last"
@@ -739,8 +767,8 @@ def _same_evaluation(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
     return not setting_differences(mine, theirs)
 
 
-def write_leaderboard(out_dir: str | Path) -> pd.DataFrame:
-    board = build_leaderboard(read_runs(out_dir))
+def write_leaderboard(out_dir: str | Path, planned: Planned | None = None) -> pd.DataFrame:
+    board = build_leaderboard(read_runs(out_dir), planned=planned)
     path = Path(out_dir) / LEADERBOARD_FILE
     try:
         atomic_write_parquet(board, path)
@@ -762,14 +790,14 @@ def _writable(path: Path, what: str) -> None:
 
 
 def save_leaderboard(
-    out_dir: str | Path, markdown: str | Path | None = None
+    out_dir: str | Path, markdown: str | Path | None = None, planned: Planned | None = None
 ) -> tuple[pd.DataFrame, str]:
     """`harness leaderboard`: rebuild leaderboard.parquet from the runs (and the Markdown
     table); ResultsError, with no output file changed, if any of it cannot be written."""
     out = Path(out_dir)
     if not has_runs(out):
         raise ResultsError(f"no {RUNS_FILE} in {out}")
-    board = build_leaderboard(read_runs(out))
+    board = build_leaderboard(read_runs(out), planned=planned)
     table = format_leaderboard(board)
     files: list[tuple[Path, Callable[[Any], None]]] = [
         (out / LEADERBOARD_FILE, lambda f: board.to_parquet(f, index=False))
@@ -795,6 +823,11 @@ def _vs_lora(row) -> str:
     return f"{row.vs_lora_delta:+.3f}{noise}"
 
 
+def _flag(value: Any) -> bool:
+    """A nullable boolean cell: NA (not known) is False."""
+    return bool(pd.notna(value) and value)
+
+
 def format_leaderboard(board: pd.DataFrame) -> str:
     from tabulate import tabulate
 
@@ -813,7 +846,10 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             ],
             "vs lora": [_vs_lora(r) for r in board.itertuples()],
             "seeds": board["n_seeds"],
-            "lr": board["chosen_lr"].map(lambda v: f"{v:.0e}" if pd.notna(v) else "-"),
+            "lr": [
+                f"{v:.0e}{' (edge)' if _flag(edge) else ''}" if pd.notna(v) else "-"
+                for v, edge in zip(board["chosen_lr"], board["lr_at_grid_edge"], strict=True)
+            ],
             "select": board["selection_mean"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
             "majority": board["majority_baseline"].map(
                 lambda v: f"{v:.4f}" if pd.notna(v) else "-"
@@ -823,4 +859,9 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             "fail/div": board["n_failed"].astype(str) + "/" + board["n_diverged"].astype(str),
         }
     )
+    if board["partial"].fillna(False).any():  # only then: finished boards keep their look
+        shown["complete"] = [
+            f"{PARTIAL_MARK} {r.n_missing}/{r.n_planned} missing" if _flag(r.partial) else "yes"
+            for r in board.itertuples()
+        ]
     return tabulate(shown, headers="keys", tablefmt="github", showindex=False)

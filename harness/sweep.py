@@ -18,33 +18,33 @@ from typing import Any
 
 import pandas as pd
 
-from harness import distributed, identity, provenance
-from harness.config import ConfigError, SweepConfig, TrialSpec, expand
+from harness import adapters, distributed, provenance, tracking
+from harness.config import ConfigError, SweepConfig, TrialSpec
+from harness.crash_witness import crash_witness, read_witness
+from harness.plan import RunningTrials, sweep_plan, write_plan
 from harness.results import (
     RunRecorder,
     format_leaderboard,
     read_runs,
     write_leaderboard,
-    write_runs,
 )
 from harness.trial import STATUS_FAILED, base_row, run_trial
 
 
-def _trainable(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
+def _trainable(
+    config: dict[str, Any], specs: list[dict[str, Any]], options: dict[str, Any] | None = None
+) -> None:
     from ray import tune
 
-    row = run_trial(specs[config["index"]])
+    options = options or {}
+    live = tracking.LiveReport(tune.report, options.get("report_every"))
+    # The witness tells the driver which signal killed this worker, if one does.
+    with crash_witness(Path(tune.get_context().get_trial_dir())):
+        row = run_trial(specs[config["index"]], live=live, adapters_dir=options.get("adapters_dir"))
     row.update(ray_node())  # which node of a cluster ran it (hostname alone may not tell)
     if specs[config["index"]].get("smoke"):  # a GPU shared by fractional trials
         row = _smoke_row(row)
-    tune.report(
-        {
-            "record": json.dumps(row, default=str),
-            "status": row["status"],
-            "selection_score": row.get("selection_score"),
-            "test_score": row.get("test_score"),
-        }
-    )
+    tune.report(tracking.final_report(row, json.dumps(row, default=str)))
 
 
 def ray_node() -> dict[str, str]:
@@ -69,6 +69,24 @@ def _smoke_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _stopped_row(spec: TrialSpec, last: dict[str, Any], early_stop: bool) -> dict[str, Any]:
+    """A trial that ended without its final report: stopped early by the scheduler (never
+    eligible for the leaderboard), with the last live numbers it reported."""
+    if not early_stop:
+        return base_row(spec, status=STATUS_FAILED, error="trial ended without a result row")
+    seen = ", ".join(
+        f"{k}={last[k]:.4g}" for k in ("train_loss", "selection_score") if last.get(k) is not None
+    )
+    row = base_row(
+        spec,
+        status=tracking.STATUS_STOPPED,
+        error=f"stopped early by ASHA after step {last.get('step', '?')}"
+        + (f" ({seen})" if seen else ""),
+    )
+    row["steps"] = last.get("step")
+    return row
+
+
 def _crash_row(spec: TrialSpec, error: str) -> dict[str, Any]:
     """A trial whose worker died before reporting (OOM-kill, segfault) is still a row."""
     return base_row(spec, status=STATUS_FAILED, error=error)
@@ -87,6 +105,7 @@ def trial_error_cause(trial: Any) -> str:
     """What a failed trial's error file says (the exception, the worker's exit signal),
     not only its path: that path is in Ray's temporary session folder, gone after the run."""
     path = getattr(trial, "error_file", None)
+    witness = read_witness(_trial_dir(trial))
     text = ""
     if path:
         try:
@@ -105,7 +124,21 @@ def trial_error_cause(trial: Any) -> str:
     if len(cause) > CAUSE_CHARS:
         cause = cause[: CAUSE_CHARS - 3] + "..."
     where = f" (error file: {path})" if path else ""
+    if witness:
+        cause = f"{witness}. Ray says: {cause}" if cause else witness
     return f"trial process failed: {cause or 'no error recorded'}{where}"
+
+
+def _trial_dir(trial: Any) -> Path | None:
+    """The trial's directory as the driver sees it (None: not reachable from here)."""
+    for attribute in ("local_path", "path"):
+        try:
+            value = getattr(trial, attribute)
+        except Exception:  # noqa: BLE001 - Ray raises when a trial has no storage yet
+            continue
+        if value and Path(value).is_dir():
+            return Path(value)
+    return None
 
 
 class SweepInterrupted(Exception):
@@ -163,7 +196,7 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v) or "nothing"
 
 
-def _make_callback(out_dir: Path, specs: list[TrialSpec]):
+def _make_callback(out_dir: Path, specs: list[TrialSpec], early_stop: bool = False):
     from ray.tune import Callback
 
     class RecordRuns(Callback):
@@ -172,6 +205,9 @@ def _make_callback(out_dir: Path, specs: list[TrialSpec]):
 
         def __init__(self) -> None:
             self.recorder = RunRecorder(out_dir)
+            self.running = RunningTrials(out_dir)  # for `harness status`
+            self.finished: set[str] = set()  # trial ids whose final row arrived
+            self.last_report: dict[str, dict[str, Any]] = {}  # latest live report per trial
             self.done = 0
             self.started = time.perf_counter()
 
@@ -191,16 +227,33 @@ def _make_callback(out_dir: Path, specs: list[TrialSpec]):
             )
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "record" in result:
+            # Only a trial's final report is a row; the others are live tracking.
+            if tracking.is_final(result):
                 row = json.loads(result["record"])
                 self.recorder.record(row)
                 self._progress(row)
+                self.finished.add(trial.trial_id)
+            else:
+                self.last_report[trial.trial_id] = result
 
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = specs[trial.config["index"]]
             row = _crash_row(spec, trial_error_cause(trial))
             self.recorder.record(row)
             self._progress(row)
+            self.running.finish(spec.key())
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.start(specs[trial.config["index"]].key())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            spec = specs[trial.config["index"]]
+            self.running.finish(spec.key())
+            if trial.trial_id not in self.finished:  # ended by the scheduler (ASHA)
+                self.finished.add(trial.trial_id)
+                row = _stopped_row(spec, self.last_report.pop(trial.trial_id, {}), early_stop)
+                self.recorder.record(row)
+                self._progress(row)
 
     return RecordRuns()
 
@@ -208,40 +261,12 @@ def _make_callback(out_dir: Path, specs: list[TrialSpec]):
 def pending_specs(cfg: SweepConfig, out_dir: Path) -> tuple[list[TrialSpec], int]:
     """The resolved grid minus keys that already finished ok in this output dir.
 
-    Runs recorded under key version 1 are re-keyed first where they provably are this
-    setting; runs of another setting for one of this sweep's (method, task) pairs are an
-    error (one output dir, one setting per pair: the leaderboard never averages across
-    settings)."""
-    specs = identity.resolve(expand(cfg))
-    runs = read_runs(out_dir)
-    runs, migrated = identity.migrate_runs(runs, specs)
-    conflicts = identity.setting_conflicts(runs, specs)
-    if conflicts:
-        shown = "\n".join(f"  - {c}" for c in conflicts[:10])
-        more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
-        raise ConfigError(
-            f"{out_dir / 'runs.parquet'} holds runs of a different setting (method config, "
-            f"protocol, data, model or budget) than this sweep:\n{shown}{more}\n"
-            "Write to a new output_dir (nothing was run or changed)."
-        )
-    versions = identity.version_conflicts(runs, specs, provenance.package_versions())
-    if versions:
-        raise ConfigError(
-            f"{out_dir / 'runs.parquet'} holds runs made with other package versions than "
-            "this environment, and one leaderboard row never mixes them:\n"
-            + "\n".join(f"  - {v}" for v in versions)
-            + "\nWrite to a new output_dir, or install the recorded versions (nothing was run "
-            "or changed)."
-        )
-    if migrated:
-        runs = write_runs(out_dir, runs)
-        print(
-            f"re-keyed {migrated} runs recorded under an earlier key version (same setting)",
-            flush=True,
-        )
-    finished = set(runs.loc[runs["status"] == "ok", "key"]) if len(runs) else set()
-    todo = [s for s in specs if s.key() not in finished]
-    return todo, len(specs) - len(todo)
+    Runs recorded under earlier key versions are re-keyed first where they provably are
+    this setting; runs of another setting for one of this sweep's (method, task) pairs are
+    an error (one output dir, one setting per pair: the leaderboard never averages across
+    settings). See harness.plan.sweep_plan."""
+    plan = sweep_plan(cfg, out_dir)
+    return plan.todo, len(plan.specs) - len(plan.todo)
 
 
 def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
@@ -256,7 +281,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
             "model_dir": _absolute(cfg.resolved_model_dir()),
         }
     )
-    todo, skipped = pending_specs(cfg, out_dir)
+    plan = sweep_plan(cfg, out_dir)
+    todo, skipped = plan.todo, len(plan.specs) - len(plan.todo)
     budget = cfg.budget
     print(
         f"sweep {cfg.name!r}: {len(todo)} trials to run ({skipped} already done) = "
@@ -287,18 +313,32 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
             storage = distributed.storage_path(cfg, out_dir)
             distributed.check_storage(storage, distributed.alive_nodes(), cfg.ray.shared_storage)
             check_cluster_fits(cfg, ray.nodes())  # else trials wait forever for resources
+            write_plan(out_dir, cfg, plan.specs)  # every key and this driver, for `status`
+            # Tracking and adapter options reach the trials beside their specs, never in
+            # them: they change no numbers, so no key.
+            options = {
+                "report_every": cfg.tracking.report_every,
+                "adapters_dir": (
+                    str(adapters.adapters_root(out_dir)) if cfg.save_adapters != "none" else None
+                ),
+            }
+            loggers, described = tracking.logger_callbacks(cfg, out_dir)
+            print("tracking: " + "; ".join(described), flush=True)
             if distributed.is_distributed(cfg):
-                trainable, max_concurrent, failure = distributed.tune_setup(cfg, payload, storage)
+                trainable, max_concurrent, failure = distributed.tune_setup(
+                    cfg, payload, storage, adapters_dir=options["adapters_dir"]
+                )
             else:
                 res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
                 trainable = tune.with_resources(
-                    tune.with_parameters(_trainable, specs=payload), res
+                    tune.with_parameters(_trainable, specs=payload, options=options), res
                 )
                 max_concurrent, failure = cfg.ray.max_concurrent_trials, None
             tuner = tune.Tuner(
                 trainable,
-                param_space={"index": tune.grid_search(list(range(len(todo))))},
+                param_space=tracking.trial_params(todo),
                 tune_config=tune.TuneConfig(
+                    scheduler=tracking.scheduler(cfg, todo),
                     max_concurrent_trials=max_concurrent,
                     # Reusing workers saves re-importing torch/transformers per trial; peak
                     # memory is reset per trial (harness.memory), seeds are set per trial.
@@ -310,7 +350,12 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                     name=cfg.name,
                     storage_path=storage,
                     failure_config=failure,  # Tune-level retries of a driver
-                    callbacks=[recorder := _make_callback(out_dir, todo)],
+                    callbacks=[
+                        recorder := _make_callback(
+                            out_dir, todo, cfg.tracking.early_stop == "asha"
+                        ),
+                        *loggers,
+                    ],
                     verbose=0,
                 ),
             )
@@ -320,7 +365,13 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                 recorder.recorder.close()  # fold the journal into runs.parquet
         finally:
             ray.shutdown()
-    board = write_leaderboard(out_dir)
+    planned: dict[tuple[str, str], set[str]] = {}
+    for spec in plan.specs:
+        planned.setdefault((spec.method, spec.task), set()).add(spec.key())
+    board = write_leaderboard(out_dir, planned)
+    if cfg.save_adapters == "chosen" and not interrupted:
+        deleted = adapters.prune_to_chosen(read_runs(out_dir), board)
+        print(f"save_adapters: chosen: deleted {deleted} adapters of LRs not chosen", flush=True)
     if interrupted:
         print(f"PARTIAL leaderboard ({interrupted}; the missing trials have not run):", flush=True)
     print(format_leaderboard(board), flush=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from harness.progress import progress_bar
 from methods.base import GradientTransform
 
 
@@ -43,17 +44,24 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     max_grad_norm: float | None,
     grad_transform: GradientTransform | None = None,
+    stats: dict[str, float] | None = None,
 ) -> float:
     """One optimizer step; returns the loss. The benchmark times exactly this function.
 
     Order: backward, clip, the method's gradient transform (LoRA-One's preconditioners),
-    optimizer step - the order harness.distributed reproduces under ZeRO."""
+    optimizer step - the order harness.distributed reproduces under ZeRO. With `stats`, it
+    also records the gradient norm before clipping (`grad_norm`) and the first param
+    group's LR of this step (`lr`); only asked on reporting steps (`.item()` syncs a GPU)."""
     loss = model(**batch).loss
     loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
-        )
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    elif stats is not None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if stats is not None:
+        stats["grad_norm"] = float(norm)
+        stats["lr"] = float(optimizer.param_groups[0]["lr"])
     if grad_transform is not None:
         apply_gradient_transform(model, grad_transform)
     optimizer.step()
@@ -138,7 +146,12 @@ def train(
     evaluate: Callable[[], float] | None = None,
     on_progress: Callable[[int, float], None] | None = None,
     device: torch.device | str = "cpu",
+    on_report: Callable[[dict[str, float]], None] | None = None,
+    report_every: int | None = None,
 ) -> TrainResult:
+    """`on_report` (live tracking) gets {step, train_loss, lr, grad_norm} every
+    `report_every` steps and {step, selection_score} after each intermediate evaluation;
+    reporting is outside the timed step."""
     scheduler = SCHEDULES[schedule](optimizer, total_steps, warmup_ratio)
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
@@ -149,8 +162,12 @@ def train(
     model.train()
     for step in range(1, total_steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
+        reporting = on_report is not None and bool(report_every) and step % report_every == 0
+        stats: dict[str, float] | None = {} if reporting else None
         started = time.perf_counter()
-        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm, grad_transform)
+        loss = train_step(
+            model, batch, optimizer, scheduler, max_grad_norm, grad_transform, stats
+        )
         for cb in callbacks:
             cb.on_step_end(step, model, optimizer)
         train_time += time.perf_counter() - started
@@ -160,9 +177,13 @@ def train(
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         if step % max(1, total_steps // 50) == 0 or step == total_steps:
             curve.append((step, float(np.mean(losses[-max(1, total_steps // 50) :]))))
+        if stats is not None:
+            on_report({"step": step, "train_loss": loss, **stats})
         if evaluate and evaluate_every and step % evaluate_every == 0 and step < total_steps:
             eval_curve.append((step, evaluate()))
             model.train()
+            if on_report is not None:
+                on_report({"step": step, "selection_score": eval_curve[-1][1]})
         if on_progress:
             on_progress(step, loss)
     tail = losses[-max(1, len(losses) // 10) :]
@@ -182,7 +203,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "
     """Logits for every example, in loader order (the loader must not shuffle)."""
     model.eval()
     outputs = []
-    for batch in loader:
+    for batch in progress_bar(loader, total=len(loader), desc="evaluate"):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         outputs.append(model(**batch).logits.float().cpu().numpy())
     return np.concatenate(outputs, axis=0)

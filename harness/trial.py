@@ -13,6 +13,7 @@ import random
 import time
 import traceback
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,15 @@ import torch
 import methods
 import tasks
 from harness import identity, memory, provenance, sanity
+from harness.adapters import AdapterSaver
 from harness.config import KEY_VERSION, TrialSpec
+from harness.forgetting import probe_for
 from harness.models import resolve_model, source_model_type
 from harness.pipelines import build_pipeline, task_protocol
+from harness.progress import progress_bar
+from harness.tracking import LiveReport
 from harness.train import Diverged, train
+from tasks.data import pinned_revisions
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
 
@@ -63,7 +69,14 @@ def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[
     }
 
 
-def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
+def run_trial(
+    spec: TrialSpec | dict,
+    *,
+    live: LiveReport | None = None,
+    adapters_dir: str | None = None,
+) -> dict[str, Any]:
+    """`live`: report while training (harness.tracking); `adapters_dir`: save the trained
+    adapter under `<adapters_dir>/<run key>/` (harness.adapters). Neither changes numbers."""
     spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
     if not spec.resolved:  # called directly rather than by a sweep's driver
         try:
@@ -73,7 +86,7 @@ def run_trial(spec: TrialSpec | dict) -> dict[str, Any]:
     started = time.perf_counter()
     row = base_row(spec)
     try:
-        _run(spec, row)
+        _run(spec, row, live, adapters_dir)
     except Diverged as err:
         row.update(status=STATUS_DIVERGED, error=str(err))
     except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
@@ -123,12 +136,13 @@ def load_data_and_model(
     # Data: the task owns splits, preprocessing and metrics.
     task = tasks.get_task(spec.task)
     budget = spec.budget
-    splits = task.splits(
-        spec.data_dir,
-        train_rows=budget.train_rows,
-        selection_rows=budget.selection_rows,
-        test_rows=budget.test_rows,
-    )
+    with pinned_revisions(spec.data_revisions):  # the hub commits the driver resolved
+        splits = task.splits(
+            spec.data_dir,
+            train_rows=budget.train_rows,
+            selection_rows=budget.selection_rows,
+            test_rows=budget.test_rows,
+        )
     # The protocol depends on the model family too (text-to-text on encoder-decoders).
     source = resolve_model(spec.model_id, spec.model_revision, spec.model_dir)
     protocol = task_protocol(task, source_model_type(source))
@@ -164,7 +178,12 @@ def planned_steps(budget, train_rows: int) -> int:
     return math.ceil(budget.epochs * (train_rows // budget.batch_size))
 
 
-def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
+def _run(
+    spec: TrialSpec,
+    row: dict[str, Any],
+    live: LiveReport | None = None,
+    adapters_dir: str | None = None,
+) -> None:
     torch.set_num_threads(spec.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row.update(provenance.hardware(device))
@@ -172,15 +191,27 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     task, splits, pipeline = load_data_and_model(spec, row, device)
     budget = spec.budget
+    # Forgetting (causal LMs): general-text LM loss of the base model, before the method.
+    forgetting = probe_for(spec, task, pipeline.loaded.tokenizer)
+    if forgetting is not None:
+        forgetting.before(pipeline.model, device, row)
 
     # Method: parameterisation + (data-informed) init, timed, memory-measured and checked.
-    def init_batches(n: int):
+    def first_batches(n: int):
         for i, batch in enumerate(pipeline.batches(budget.batch_size, spec.seed + 1, device)):
             if i >= n:
                 return
             yield batch
 
+    def init_batches(n: int):  # a bar on a terminal: inits can read many batches
+        yield from progress_bar(first_batches(n), total=n, desc=f"{spec.method} init")
+
+    saver = AdapterSaver(Path(adapters_dir) / spec.key()) if adapters_dir else None
+    if saver is not None:
+        saver.before_init(pipeline.model)
     method, hp, model, probe = prepare_method(spec, pipeline, row, device, init_batches)
+    if saver is not None:
+        saver.after_init(model)
     pipeline.loaded.model = model  # evaluators run the prepared model
 
     # Train.
@@ -200,6 +231,8 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
         evaluate_every=spec.eval.every_steps,
         evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
         device=device,
+        on_report=live,
+        report_every=live.interval(total_steps) if live is not None else None,
     )
     row["sanity_callbacks"] = checked.summary()
     row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
@@ -215,9 +248,14 @@ def _run(spec: TrialSpec, row: dict[str, Any]) -> None:
 
     # Evaluate: select on the selection split, report the test split(s).
     evaluate_into_row(task, splits, pipeline, row)
+    if forgetting is not None:
+        forgetting.after(model, device, row)
 
     # Last, since merging may change the model in place: merged == unmerged outputs.
     unmerged_outputs = sanity.outputs(model, probe)
+    if saver is not None:  # before the merge, which may fold the adapter in place
+        row.update(saver.save(model, method, spec, probe, unmerged_outputs,
+                              pipeline.loaded.head_modules))  # fmt: skip
     merged = method.merge(model)
     row["sanity_merge"] = (
         "not mergeable"

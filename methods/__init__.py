@@ -27,6 +27,7 @@ from methods import (  # noqa: E402,F401
     lora_pro,
     lora_sb,
     lora_xs,
+    peft_inits,
     pissa,
     rslora,
     scaled_adamw,

@@ -322,6 +322,36 @@ ROWS: list[Row] = [
         "full_momentum refused (harness.config); full_momentum: false supported",
         "the official optimizer state needs whole A, B; ZeRO hands an optimizer flat "
         "partitions. The transform runs on assembled gradients", kind="setting"),
+    # ------------------------------------------------------------------ peft_lora
+    Row("peft_lora", "init_lora_weights", "-",
+        "True: Kaiming A, B = 0 (peft 0.21 LoraConfig.init_lora_weights)", True,
+        "peft's default; any of False, gaussian, orthogonal, olora, pissa, pissa_niter_K, mica, "
+        "eva, corda passes through"),
+    Row("peft_lora", "lora_options", "-", "LoraConfig's own defaults (peft 0.21)", {},
+        "options pass through; unknown ones, those the method's fields set, and those whose "
+        "trainable parameters the harness's count does not model are refused"),
+    Row("peft_lora", "alpha", "-", "8 (peft LoraConfig.lora_alpha)", 16.0,
+        "one alpha shared by the LoRA family"),
+    Row("peft_lora", "init_batches", "EVA: until the incremental PCA converges; CorDA: 256 "
+        "sequences (Yang et al.)",
+        "EVA: the caller's dataloader, cycled until convergence (peft "
+        "initialize_lora_eva_weights); CorDA: the caller's run_model (peft "
+        "examples/corda_finetuning: 256 samples)", 8,
+        "8 whole trial batches, read by eva and corda only; EVA cycles them (at most 50 "
+        "passes, then an error); CorDA reads them one sequence at a time"),
+    Row("peft_lora", "EVA rho", "rho >= 1 redistributes ranks across layers (Paischer et al.)",
+        "2.0 (peft EvaConfig.rho)", "1.0 (no redistribution; larger refused)",
+        "the harness checks a closed-form trainable-parameter count before the init; rho > 1 "
+        "makes each layer's rank depend on the data", kind="setting"),
+    Row("peft_lora", "CorDA covariance input", "one sequence per sample",
+        "forward hook squeezes a batch of one (peft tuners/lora/corda.py calib_cov_distribution)",
+        "single examples, padding dropped; summed over ranks under torch.distributed",
+        "peft's hook cannot take a padded batch; padding tokens are not context", kind="setting"),
+    Row("peft_lora", "loftq, lora_ga", "-",
+        "loftq: bitsandbytes on a hard-coded CUDA/XPU device (peft utils/loftq_utils.py); "
+        "lora_ga: a gradient attached by preprocess_loraga", "refused with the reason",
+        "bitsandbytes is no dependency and CI has no GPU; lora_ga has its own method "
+        "(convention: peft)", kind="setting"),
 ]  # fmt: skip
 
 

@@ -1,9 +1,18 @@
-"""Reading a split from the hub or from a local mirror in hub-id layout, with provenance."""
+"""Reading a split from the hub or from a local mirror in hub-id layout, with provenance.
+
+Hub datasets are read at a pinned commit: the sweep's `data_revisions` (hub id -> branch,
+tag or commit), else the dataset's current commit, resolved once by the driver
+(`hub_revision`, through huggingface_hub) and handed to every trial (`pinned_revisions`),
+so a dataset updated mid-sweep is never mixed in. Every source's fingerprint is a sha256
+of its content (the mirror file's bytes, or the loaded Arrow table), not a cache id.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 
-def _manifest_entry(data_dir: Path, rel: str) -> dict[str, Any] | None:
+def manifest_entry(data_dir: Path, rel: str) -> dict[str, Any] | None:
     manifest = data_dir / "MANIFEST.json"
     if not manifest.is_file():
         return None
@@ -19,6 +28,108 @@ def _manifest_entry(data_dir: Path, rel: str) -> dict[str, Any] | None:
         if entry.get("path") == rel:
             return entry
     return None
+
+
+# Hub id -> the revision this process reads it at (set around a trial's data reads), and
+# revisions resolved to a commit here, so one process asks the hub once per dataset.
+_pinned: dict[str, str] = {}
+_resolved: dict[tuple[str, str | None], str | None] = {}
+HUB_TIMEOUT_S = 10.0  # an unreachable hub costs seconds, not a hung driver
+
+
+@contextlib.contextmanager
+def pinned_revisions(revisions: Mapping[str, str] | None) -> Iterator[None]:
+    """Read the named hub datasets at these revisions inside the block."""
+    before = dict(_pinned)
+    _pinned.update(revisions or {})
+    try:
+        yield
+    finally:
+        _pinned.clear()
+        _pinned.update(before)
+
+
+def hub_revision(hub_id: str) -> str | None:
+    """The commit to read `hub_id` at: its pinned revision resolved to a commit sha
+    (huggingface_hub's dataset_info), once per process; None when the hub is unreachable
+    and nothing is pinned (datasets then reads its cache; the row records None)."""
+    requested = _pinned.get(hub_id)
+    if (hub_id, requested) not in _resolved:
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi().dataset_info(hub_id, revision=requested, timeout=HUB_TIMEOUT_S)
+            sha = info.sha
+        except Exception:  # noqa: BLE001 - offline, rate-limited: keep what was asked
+            sha = None
+        _resolved[(hub_id, requested)] = sha or requested
+    return _resolved[(hub_id, requested)]
+
+
+class _HashingSink:
+    """A write-only file that feeds sha256 (so hashing a large table keeps no copy)."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+FINGERPRINT_WINDOW_ROWS = 4096
+
+
+def table_fingerprint(table: Any) -> str:
+    """sha256 of an Arrow table's schema and content (16 hex digits), independent of how
+    it is chunked or sliced in memory: it is serialised (Arrow IPC) in fixed windows of
+    rows, each window copied into fresh compact buffers first (`take`; a zero-copy slice
+    serialises differently), so the same rows give the same fingerprint."""
+    import numpy as np
+    import pyarrow as pa
+
+    sink = _HashingSink()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        for start in range(0, table.num_rows, FINGERPRINT_WINDOW_ROWS):
+            window = table.slice(start, FINGERPRINT_WINDOW_ROWS)
+            window = window.take(pa.array(np.arange(window.num_rows))).combine_chunks()
+            for batch in window.to_batches():
+                writer.write_batch(batch)
+    return sink.digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """A `datasets.Dataset`'s content fingerprint, through its public Arrow table."""
+    return table_fingerprint(ds.with_format("arrow")[:])
+
+
+def load_hub_dataset(hub_id: str, config: str | None, split: str) -> tuple[Any, str | None]:
+    """`datasets.load_dataset` at the pinned revision; returns (dataset, revision)."""
+    import datasets
+
+    revision = hub_revision(hub_id)
+    return datasets.load_dataset(hub_id, config, split=split, revision=revision), revision
+
+
+def hub_revisions(provenance: Any) -> dict[str, str]:
+    """hub id -> the revision every hub source in a task's provenance was read at."""
+    found: dict[str, str] = {}
+    if isinstance(provenance, dict):
+        if provenance.get("source") == "hub" and provenance.get("revision"):
+            found[str(provenance["hub_id"])] = str(provenance["revision"])
+        for value in provenance.values():
+            found.update(hub_revisions(value))
+    elif isinstance(provenance, list):
+        for value in provenance:
+            found.update(hub_revisions(value))
+    return found
 
 
 def load_split(
@@ -48,27 +159,27 @@ def load_split(
             "rows": len(df),
             "fingerprint": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
         }
-        entry = _manifest_entry(root, rel)
+        entry = manifest_entry(root, rel)
         if entry:
             prov.update(origin=entry.get("source"), license=entry.get("license"))
         return df, prov
 
-    import datasets
-
     if url:
+        import datasets
+
         ds = datasets.load_dataset("json", data_files=url, split="train")
-        prov = {"source": "url", "url": url, "rows": len(ds), "fingerprint": ds._fingerprint}
+        fingerprint = dataset_fingerprint(ds)
+        prov = {"source": "url", "url": url, "rows": len(ds), "fingerprint": fingerprint}
         return ds.to_pandas(), prov
-    ds = datasets.load_dataset(hub_id, config, split=split)
+    ds, revision = load_hub_dataset(hub_id, config, split)
     prov = {
         "source": "hub",
         "hub_id": hub_id,
         "config": config,
         "split": split,
-        # datasets does not expose the hub commit; its content fingerprint identifies the data.
-        "revision": None,
+        "revision": revision,  # the commit read (None: offline, from the datasets cache)
         "rows": len(ds),
-        "fingerprint": ds._fingerprint,
+        "fingerprint": dataset_fingerprint(ds),
     }
     return ds.to_pandas(), prov
 

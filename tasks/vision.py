@@ -42,7 +42,13 @@ import torch
 from PIL import Image
 
 from tasks.base import DataSplits, Task
-from tasks.data import _manifest_entry, carve_selection, subsample
+from tasks.data import (
+    carve_selection,
+    dataset_fingerprint,
+    load_hub_dataset,
+    manifest_entry,
+    subsample,
+)
 from tasks.registry import register_task
 
 PROTOCOL_SEED = 0
@@ -165,7 +171,7 @@ def load_imagefolder(
         "classes": len(classes),
         "fingerprint": _files_fingerprint(folder, files),
     }
-    entry = _manifest_entry(root, rel)
+    entry = manifest_entry(root, rel)
     if entry:
         prov.update(origin=entry.get("source"), license=entry.get("license"))
     return df, prov, list(label_names)
@@ -190,7 +196,7 @@ class _HubSplit:
     def __init__(self, spec: VisionSpec, split: str):
         import datasets
 
-        self.ds = datasets.load_dataset(spec.hub_id, spec.config, split=split)
+        self.ds, revision = load_hub_dataset(spec.hub_id, spec.config, split)
         self.image_col, self.label_col = _hub_columns(self.ds.features)
         feature = self.ds.features[self.label_col]
         self.label_names = (
@@ -210,11 +216,11 @@ class _HubSplit:
             "hub_id": spec.hub_id,
             "config": spec.config,
             "split": split,
-            # datasets does not expose the hub commit; its content fingerprint identifies it.
-            "revision": None,
+            "revision": revision,  # the commit read (None: offline, from the datasets cache)
             "rows": len(self.ds),
             "classes": len(self.label_names),
-            "fingerprint": self.ds._fingerprint,
+            # sha256 of the loaded table (images included: read once per task and trial)
+            "fingerprint": dataset_fingerprint(self.ds),
         }
 
     def materialise(self, rows: pd.DataFrame) -> pd.DataFrame:

@@ -89,6 +89,36 @@ def test_a_duplicated_key_keeps_the_latest_ok_row():
     assert row["test_mean"] == pytest.approx(0.7)
 
 
+def test_an_interrupted_sweeps_leaderboard_is_marked_partial_in_the_file():
+    runs = pd.DataFrame([_run(0, 0.9), _run(1, 0.8, status="failed")])
+    planned = {("lora", "glue/sst2"): {"lora-glue/sst2-0.001-0", "lora-glue/sst2-0.001-1",
+                                       "lora-glue/sst2-0.001-2"}}  # fmt: skip
+    row = build_leaderboard(runs, planned=planned).iloc[0]
+    # seed 1 finished (failed) and is not missing; seed 2 never ran
+    assert (row["n_planned"], row["n_missing"], bool(row["partial"])) == (3, 1, True)
+    shown = results.format_leaderboard(build_leaderboard(runs, planned=planned))
+    assert "PARTIAL 1/3 missing" in shown
+    runs_done = pd.concat([runs, pd.DataFrame([_run(2, 0.7)])])
+    done = build_leaderboard(runs_done, planned=planned)
+    assert done.iloc[0]["n_missing"] == 0 and not bool(done.iloc[0]["partial"])
+    assert "PARTIAL" not in results.format_leaderboard(done)
+    assert pd.isna(build_leaderboard(runs).iloc[0]["partial"])  # no plan: not known
+
+
+def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged():
+    def board(scores: dict[float, float]) -> pd.DataFrame:
+        return build_leaderboard(
+            pd.DataFrame([_run(0, v, key=f"k{lr}", lr=lr) for lr, v in scores.items()])
+        )
+
+    assert bool(board({1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.9}).iloc[0]["lr_at_grid_edge"])
+    assert bool(board({1e-4: 0.9, 1e-3: 0.6, 1e-2: 0.5}).iloc[0]["lr_at_grid_edge"])
+    inner = board({1e-4: 0.5, 1e-3: 0.9, 1e-2: 0.6})
+    assert not bool(inner.iloc[0]["lr_at_grid_edge"])
+    assert "(edge)" not in results.format_leaderboard(inner)
+    assert "1e-02 (edge)" in results.format_leaderboard(board({1e-4: 0.5, 1e-2: 0.9}))
+
+
 def test_report_rebuilds_a_leaderboard_older_than_the_runs(tmp_path: Path):
     append_runs(tmp_path, [_run(0, 0.9)])
     write_leaderboard(tmp_path)  # 1 seed: 0.9000

@@ -159,12 +159,32 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def _killed_trainable(config: dict) -> None:
-    os.kill(os.getpid(), signal.SIGKILL)  # an OOM-kill, as a worker sees it
+    """Dies of `config["signal"]` inside the witness, as `harness.sweep._trainable` runs."""
+    from ray import tune
+
+    from harness.crash_witness import crash_witness
+
+    with crash_witness(Path(tune.get_context().get_trial_dir())):
+        time.sleep(2.5)  # one heartbeat, so the row can say how large the worker was
+        if config["signal"] == "SIGSEGV":
+            import ctypes
+
+            ctypes.string_at(0)  # a real segmentation fault, in C
+        os.kill(os.getpid(), getattr(signal, config["signal"]))
+        time.sleep(30)  # a handled signal may take a moment to end the worker
 
 
-def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
-    """Ray gives a killed worker's trial only an error file in its temporary session folder;
-    the row must carry what that file says (the exit, the signal)."""
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("SIGKILL", "killed by SIGKILL (9)"),  # the OOM killer's signal: no handler runs
+        ("SIGSEGV", "fatal signal: Fatal Python error: Segmentation fault"),
+        ("SIGTERM", "terminated by SIGTERM (15)"),
+    ],
+)
+def test_a_killed_worker_row_says_why_not_only_where(tmp_path, sent, expected):
+    """Ray gives a killed worker's trial only an error file in its temporary session folder,
+    which names no signal; the row must carry the cause: the signal and the last memory."""
     import ray
     from ray import tune
 
@@ -182,7 +202,7 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
     try:
         tune.Tuner(
             tune.with_resources(_killed_trainable, {"cpu": 1}),
-            param_space={"index": tune.grid_search([0])},
+            param_space={"index": tune.grid_search([0]), "signal": sent},
             run_config=tune.RunConfig(
                 name="exp", storage_path=str(tmp_path / "ray"), verbose=0,
                 callbacks=[_make_callback(out, specs)],
@@ -195,9 +215,11 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
     row = read_runs(out).iloc[0]
     assert row["status"] == "failed"
     cause = row["error"].split("(error file:")[0]
-    # Ray knows the exit, not the signal: "The actor is dead because its worker process has
-    # died. Worker exit type: SYSTEM_ERROR Worker exit detail: ... End of file ..."
-    assert "worker process has died" in cause and "Worker exit type" in cause, row["error"]
+    assert expected in cause, row["error"]
+    assert "resident memory" in cause, row["error"]
+    if sent != "SIGSEGV":
+        # Ray's own words stay beside the witness's: "... its worker process has died."
+        assert "worker process has died" in cause, row["error"]
 
 
 def _free_port() -> int:
@@ -303,3 +325,7 @@ def test_ctrl_c_mid_sweep_exits_non_zero_and_says_how_to_resume(tmp_path, mirror
     assert "interrupted: rerun the same command to resume" in err
     assert "PARTIAL leaderboard" in out
     assert "Tuner.restore" not in out + err
+    # the file says it too, not only the terminal: the row knows how many of 8 are missing
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    row = pd.read_parquet(out_dir / "leaderboard.parquet").iloc[0]
+    assert bool(row["partial"]) and row["n_planned"] == 8 and 1 <= row["n_missing"] < 8

@@ -7,6 +7,7 @@ installs it with `apt-get update && apt-get install -y --no-install-recommends c
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import re
 import shutil
@@ -25,7 +26,8 @@ from harness.published import (
     load_published,
     model_family,
 )
-from harness.report import write_report
+from harness.report import pareto_front, write_report
+from harness.report_interactive import DATA_ID, LOWER_IS_BETTER_RE, json_for_script
 from harness.results import write_leaderboard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,9 +93,17 @@ def test_report_writes_self_contained_html_and_markdown(report):
     assert html_path == report["out"] / "report" / "index.html" and html_path.stat().st_size > 0
     assert md_path == report["out"] / "report" / "report.md" and md_path.stat().st_size > 0
     assert html.startswith("<!DOCTYPE html>")
-    # Self-contained: no script, no stylesheet link, nothing fetched from elsewhere.
-    assert "<script" not in html.lower()
+    # Self-contained: inline CSS and JS only (the JSON data block and the sort/filter/Pareto
+    # script), no stylesheet link, nothing fetched from elsewhere.
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.S | re.I)
+    assert [attrs for attrs, _ in scripts] == [f' type="application/json" id="{DATA_ID}"', ""]
+    assert html.lower().count("<script") == 2
+    code = scripts[1][1]
+    for network in ("fetch(", "XMLHttpRequest", "import(", "WebSocket", "sendBeacon", "src="):
+        assert network not in code, network
+    assert re.findall(r"https?://[^\s\"']*", code) == ["http://www.w3.org/2000/svg"]  # a name
     assert "<link" not in html.lower()
+    assert "<script" not in md and "Pareto explorer" not in md  # the Markdown stays static
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html, flags=re.I)
     assert "url(" not in html
     tasks = report["board"]["task"].unique()
@@ -128,6 +138,47 @@ def test_report_has_every_leaderboard_row_with_its_numbers(report):
         # The committed output records per-item outcomes: the intervals are the leaderboard's.
         assert cells[10:12] == [f"{r['test_ci_low']:.4f}", f"{r['test_ci_high']:.4f}"]
     assert "95% CI low" in report["html"]
+
+
+def _report_data(html: str) -> dict:
+    block = re.search(rf'<script type="application/json" id="{DATA_ID}">(.*?)</script>', html)
+    assert block
+    return json.loads(block.group(1))
+
+
+def test_report_embeds_the_raw_leaderboard_values_for_sorting_and_plotting(report):
+    data, board = _report_data(report["html"]), report["board"]
+    headers = re.search(r'<div id="leaderboard-table"><table[^>]*>\n<thead><tr>(.*?)</tr>',
+                        report["html"]).group(1)  # fmt: skip
+    assert data["headers"] == [html_lib.unescape(h) for h in re.findall(r"<th>(.*?)</th>", headers)]
+    assert len(data["keys"]) == len(board) and data["method"] == board["method"].tolist()
+    col = {h: j for j, h in enumerate(data["headers"])}
+    for i, r in enumerate(board.to_dict("records")):
+        keys = data["keys"][i]
+        assert keys[col["task"]] == r["task"] and keys[col["method"]] == r["method"]
+        assert keys[col["test mean ± std"]] == pytest.approx(r["test_mean"])
+        assert keys[col["trainable params"]] == int(r["trainable_params"])
+        base = keys[col["majority baseline"]]
+        assert base is None if pd.isna(r["majority_baseline"]) else base == r["majority_baseline"]
+    # Axes on offer: every numeric (non-boolean) column, with its values, NaN as null.
+    names = [c["name"] for c in data["columns"]]
+    assert {"test_mean", "trainable_params", "train_time_s", "majority_baseline"} <= set(names)
+    assert "vs_lora_within_noise" not in names and "method" not in names
+    for name in names:
+        expected = [None if pd.isna(v) else float(v) for v in board[name]]
+        assert data["values"][name] == pytest.approx(expected, nan_ok=False), name
+    assert (data["x"], data["y"]) == ("trainable_params", "test_mean")
+    lower = {c["name"]: c["lower_better"] for c in data["columns"]}
+    assert lower["train_time_s"] and lower["peak_memory_mb"] and lower["trainable_params"]
+    assert not lower["test_mean"] and not lower["samples_per_s"]
+
+
+def test_json_for_script_cannot_end_the_script_block():
+    value = {"m": "</script><script>alert(1)</script> & <!-- \u2028", "x": [1.5, None]}
+    text = json_for_script(value)
+    assert json.loads(text) == value
+    assert not re.search("[<>&\u2028]", text)
+    assert not LOWER_IS_BETTER_RE.search("test_mean") and LOWER_IS_BETTER_RE.search("init_time_s")
 
 
 def test_report_labels_selection_and_test_curves_and_provenance(report):
@@ -175,7 +226,8 @@ def test_report_escapes_html_and_labels_random_init_and_stand_ins(tmp_path):
     write_leaderboard(out)
     html_path, md_path = write_report(out)
     html, md = html_path.read_text(), md_path.read_text()
-    assert "<script" not in html and "<img src=x" not in html
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert html.count("<script") == 2  # the report's own data block and script
     assert "&lt;script&gt;alert(\\&quot;cfg\\&quot;)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=alert(1)&gt; &amp; &quot;quoted&quot; | pipe" in html
     assert "<script" not in md and "<img src=x" not in md
@@ -421,3 +473,140 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert non_white > 0.02, f"almost blank screenshot ({non_white:.3%} non-white)"
     # The report itself rendered (not an error page): its table-header fill is on screen.
     assert (pixels == np.array([238, 240, 246])).all(axis=2).sum() > 500
+
+
+def _dom_order(board: pd.DataFrame, column: str, descending: bool) -> list[tuple[str, str]]:
+    """(task, method) in the order a sort on `column` must leave: values ascending (or
+    descending), ties in table order, missing values last either way."""
+    recs = board.to_dict("records")
+    have = [i for i, r in enumerate(recs) if not pd.isna(r[column])]
+    lack = [i for i, r in enumerate(recs) if pd.isna(r[column])]
+    have.sort(key=lambda i: (-recs[i][column] if descending else recs[i][column], i))
+    return [(recs[i]["task"], recs[i]["method"]) for i in have + lack]
+
+
+def _front_rows(board: pd.DataFrame, x: str, y: str, x_lower: bool, y_lower: bool) -> set[int]:
+    """Leaderboard rows on the Pareto front of their task, by `harness.report.pareto_front`
+    (which wants a cost to minimise and a score to maximise)."""
+    rows: set[int] = set()
+    for _, g in board.reset_index(drop=True).groupby("task"):
+        xs, ys = g[x].to_numpy(float), g[y].to_numpy(float)
+        front = pareto_front(xs if x_lower else -xs, -ys if y_lower else ys)
+        rows |= {int(i) for i, f in zip(g.index, front, strict=True) if f}
+    return rows
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason=f"no chromium binary on PATH; install it with: {CHROMIUM_INSTALL}",
+)
+def test_report_sorts_filters_and_replots_in_headless_chromium(report, tmp_path):
+    from PIL import Image
+
+    from tests.headless_chromium import HeadlessChromium
+
+    board = report["board"].reset_index(drop=True)
+    rows = "[...document.querySelectorAll('#leaderboard-table tbody tr')]"
+    points = "#pareto-explorer svg .pt"
+    with HeadlessChromium(_chromium(), tmp_path / "profile") as page:
+
+        def shown() -> list[tuple[str, str]]:
+            cells = page.evaluate(
+                f"{rows}.filter(r => !r.hidden).map(r => [r.cells[0].textContent,"
+                " r.cells[1].textContent])"
+            )
+            return [tuple(c) for c in cells]
+
+        def plotted() -> tuple[int, set[int], str, str]:
+            got = page.evaluate(
+                f"[document.querySelectorAll('{points}').length,"
+                f" [...document.querySelectorAll('{points}.front')].map(g => +g.dataset.row),"
+                " document.querySelector('#pareto-explorer .xlabel').textContent,"
+                " document.querySelector('#pareto-explorer .ylabel').textContent]"
+            )
+            return got[0], set(got[1]), got[2], got[3]
+
+        page.open(report["html_path"].resolve().as_uri())
+        assert shown() == list(zip(board["task"], board["method"], strict=True))
+        headers = page.evaluate("[...document.querySelectorAll('#leaderboard-table th')]"
+                                ".map(th => th.textContent)")  # fmt: skip
+
+        # Sorting: numeric (not the text "22,713,986" < "332,546"; not "-0.055" < "-0.1467"),
+        # reversed on a second click, missing (n/a) last both ways.
+        for header, column in (("trainable params", "trainable_params"),
+                               ("vs_lora_delta", "vs_lora_delta")):  # fmt: skip
+            assert board[column].notna().sum() >= 2
+            th = f"#leaderboard-table thead th:nth-child({headers.index(header) + 1})"
+            page.click(th)
+            assert shown() == _dom_order(board, column, descending=False), header
+            assert page.evaluate(f"document.querySelector('{th}').ariaSort") == "ascending"
+            page.click(th)
+            assert shown() == _dom_order(board, column, descending=True), header
+        assert board["vs_lora_delta"].isna().any()  # the missing-last case was exercised
+        page.click(f"#leaderboard-table thead th:nth-child({headers.index('method') + 1})")
+        assert [m for _, m in shown()] == sorted(board["method"])
+
+        # The plot on load: trainable params (lower better) vs test mean (higher better).
+        n, front, xlabel, ylabel = plotted()
+        assert n == len(board)
+        assert (xlabel, ylabel) == ("trainable_params (lower is better)",
+                                    "test_mean (higher is better)")  # fmt: skip
+        assert front == _front_rows(board, "trainable_params", "test_mean", True, False)
+        svg_box = (
+            "(() => { document.getElementById('pareto-explorer').scrollIntoView();"
+            " const r = document.querySelector('#pareto-explorer svg').getBoundingClientRect();"
+            " return [r.top, r.bottom, r.left, r.right].map(Math.round); })()"
+        )
+        box_before = page.evaluate(svg_box)
+        plot_before = page.screenshot(tmp_path / "plot_before.png")
+
+        # Filtering: one method, then one task too; the plot follows the filters.
+        method, task = "dora", board["task"].iloc[-1]
+        page.click("fieldset[data-filter=method] button[data-set=none]")
+        assert shown() == [] and plotted()[0] == 0
+        page.click(f"fieldset[data-filter=method] input[value={method}]")
+        mine = board[board["method"] == method]
+        assert sorted(shown()) == sorted(zip(mine["task"], mine["method"], strict=True))
+        assert len(shown()) == board["task"].nunique() >= 2
+        assert plotted()[0] == len(mine)
+        page.click(f'fieldset[data-filter=task] input[value="{task}"]')  # untick one task
+        assert shown() == [(t, method) for t in mine["task"] if t != task]
+        count = page.evaluate("document.querySelector('#leaderboard-filters .count').textContent")
+        assert count == f"showing {len(mine) - 1} of {len(board)} rows"
+        page.click("fieldset[data-filter=method] button[data-set=all]")
+        page.click("fieldset[data-filter=task] button[data-set=all]")
+        assert len(shown()) == len(board)
+
+        # Other axes: rows missing a value drop out, the front is recomputed, labels follow.
+        page.choose("#pareto-y", "majority_baseline")
+        n, front, _, ylabel = plotted()
+        assert n == int(board["majority_baseline"].notna().sum()) < len(board)
+        assert ylabel == "majority_baseline (higher is better)"
+        assert front == _front_rows(board, "trainable_params", "majority_baseline", True, False)
+        page.choose("#pareto-x", "train_time_s")
+        page.choose("#pareto-y", "selection_mean")
+        n, front, xlabel, ylabel = plotted()
+        assert n == len(board) and xlabel == "train_time_s (lower is better)"
+        expected = _front_rows(board, "train_time_s", "selection_mean", True, False)
+        assert front == expected
+        page.choose("#pareto-x-dir", "higher")  # the direction is the reader's to set
+        flipped = _front_rows(board, "train_time_s", "selection_mean", False, False)
+        assert plotted()[1] == flipped != expected
+        box_after = page.evaluate(svg_box)
+        plot_after = page.screenshot(tmp_path / "plot_after.png")
+
+    before = np.asarray(Image.open(plot_before).convert("RGB")).astype(int)
+    after = np.asarray(Image.open(plot_after).convert("RGB")).astype(int)
+    assert before.shape == after.shape == (2200, 1280, 3)
+    for shot in (before, after):
+        assert (shot < 245).any(axis=2).mean() > 0.02, "almost blank screenshot"
+    # The redrawn plot is on screen, at the same place: inside it the pixels changed, and its
+    # markers are drawn in the methods' colours (the static figures' tab10: dora #1f77b4).
+    assert box_before == box_after and box_after[1] - box_after[0] > 300
+    top, bottom, left, right = box_after
+    inside_before, inside_after = before[top:bottom, left:right], after[top:bottom, left:right]
+    changed = (np.abs(inside_before - inside_after) > 30).any(axis=2).mean()
+    assert 0.01 < changed < 0.6, f"{changed:.3%} of the plot's pixels changed"
+    for plot in (inside_before, inside_after):
+        dora_blue = (np.abs(plot - np.array([31, 119, 180])) <= 2).all(axis=2).sum()
+        assert dora_blue > 30, dora_blue

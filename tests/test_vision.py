@@ -175,8 +175,9 @@ def test_hub_path_reads_classlabel_names_and_only_chosen_images(monkeypatch):
     )
     colours = [RED, GREEN, BLUE]
 
-    def fake_load_dataset(hub_id, config, split):
+    def fake_load_dataset(hub_id, config, split, revision=None):
         assert (hub_id, config) == ("tanganke/sun397", None) and split in ("train", "test")
+        assert revision is None  # the hub is unreachable in tests: no commit to pin
         n = 30 if split == "train" else 9
         labels = [i % 3 for i in range(n)]
         images = [_solid(8, 8, colours[y]) for y in labels]

@@ -1,5 +1,10 @@
 """`harness bench`: performance targets, measured side by side in one run.
 
+- `harness bench --all` (harness/bench/suite.py): every registered method in one table,
+  with the papers' cost targets and MFU (harness/bench/mfu.py); `--llm-width`
+  (harness/bench/width.py): init memory of the data-informed inits at LLM width on CPU vs
+  harness/memory_estimate.py.
+
 - `bench_train_step`: one harness training step vs a bare peft + torch loop on the same
   batch, interleaved (A, B, A, B, ...) so drift on a shared machine hits both; prints
   median(harness) / median(bare). Target <= 1.05.
@@ -41,10 +46,15 @@ def _time_steps(step, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def bench_train_step(steps: int = 30, repeats: int = 5, method: str = "lora") -> float:
+def harness_vs_bare(
+    steps: int = 30, repeats: int = 5, method: str = "lora", loaded=None, batch=None
+) -> dict[str, list[float]]:
+    """Seconds per step, `repeats` interleaved samples of `steps` steps each, of the harness's
+    `train_step` and of a bare peft + AdamW loop on the same model and batch."""
     torch.manual_seed(0)
-    loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
-    batch = _batch(loaded.tokenizer)
+    if loaded is None:
+        loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
+    batch = batch if batch is not None else _batch(loaded.tokenizer)
     # Harness side: the registry method and the exact train_step the trials use.
     impl = methods.get_method(method)
     targets = impl.family_target_modules(loaded.model_type)
@@ -83,6 +93,12 @@ def bench_train_step(steps: int = 30, repeats: int = 5, method: str = "lora") ->
     for _ in range(repeats):
         bare.append(_time_steps(bare_step, steps))
         ours.append(_time_steps(harness_step, steps))
+    return {"bare_s": bare, "harness_s": ours}
+
+
+def bench_train_step(steps: int = 30, repeats: int = 5, method: str = "lora") -> float:
+    samples = harness_vs_bare(steps, repeats, method)
+    bare, ours = samples["bare_s"], samples["harness_s"]
     ratio = statistics.median(ours) / statistics.median(bare)
     print(
         f"model {MODEL_ID}, method {method}, batch 16 x 64 tokens, {torch.get_num_threads()} "
@@ -96,7 +112,7 @@ def bench_train_step(steps: int = 30, repeats: int = 5, method: str = "lora") ->
     return ratio
 
 
-def _real_batches(tokenizer, n: int, batch_size: int = 16, max_length: int = 64):
+def real_batches(tokenizer, n: int, batch_size: int = 16, max_length: int = 64):
     """n SST-2 training batches from the mirror (HARNESS_DATA_DIR), else a fixed sentence."""
     import os
 
@@ -122,7 +138,7 @@ def bench_init_cost(init_batches: int = 8, step_samples: int = 10) -> dict[str, 
     torch.manual_seed(0)
     device = torch.device("cpu")
     loaded = load_sequence_model(resolve_model(MODEL_ID, None, None), 2, regression=False)
-    batches, train_size = _real_batches(loaded.tokenizer, init_batches)
+    batches, train_size = real_batches(loaded.tokenizer, init_batches)
     targets = default_target_modules(loaded.model_type)
 
     def context(lr: float = 1e-3) -> methods.PrepareContext:
