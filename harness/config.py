@@ -760,7 +760,7 @@ def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:
             f"distributed.gpus_per_trial ({dist.gpus_per_trial}) disagree; distributed trials "
             "take their GPUs from the distributed section"
         )
-    from harness.deepspeed_config import BatchError, batch_plan
+    from harness.batching import BatchError, batch_plan
 
     try:
         batch_plan(cfg.budget.batch_size, dist.world_size, dist.micro_batch_size)

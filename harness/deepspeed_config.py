@@ -1,9 +1,7 @@
 """DeepSpeed JSON configs for distributed trials, rendered from the sweep's `distributed` section.
 
-Batch arithmetic: the global batch (`budget.batch_size`, examples per optimizer step) is
-micro x accumulation x world. With `micro_batch_size` unset each rank takes global / world
-examples in one micro-step; with it set, accumulation = global / (micro x world). Either
-division must be exact: a silently rounded batch would change the experiment.
+Batch arithmetic (global = micro x accumulation x world, exact or an error) is
+harness.batching's.
 
 Precision: bf16 (DeepSpeed keeps fp32 master weights and optimizer states for the trainable
 parameters) on GPU, fp32 on CPU (`precision: auto`). ZeRO-2 partitions gradients and
@@ -16,9 +14,12 @@ DeepSpeed key); it is carried in the plan, not in this JSON.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+# The batch arithmetic is harness.batching's; its names stay importable from here.
+from harness.batching import BatchError as BatchError
+from harness.batching import BatchPlan as BatchPlan
+from harness.batching import batch_plan
 from harness.config import DistributedConfig
 
 # Bucket sizes (elements): DeepSpeed's documented defaults, written out so the rendered file
@@ -26,46 +27,6 @@ from harness.config import DistributedConfig
 BUCKET = 500_000_000
 STAGE3_PARAM_PERSISTENCE = 1_000_000  # params below this stay gathered (biases, norms)
 STAGE3_MAX_LIVE = 1_000_000_000
-
-
-class BatchError(ValueError):
-    """A global batch that does not split evenly into micro-batches over the ranks."""
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int
-    world_size: int
-    micro_batch: int  # per rank, per micro-step
-    accumulation: int  # micro-steps per optimizer step
-
-    @property
-    def per_rank(self) -> int:
-        """Examples one rank sees per optimizer step."""
-        return self.micro_batch * self.accumulation
-
-
-def batch_plan(global_batch: int, world_size: int, micro_batch: int | None = None) -> BatchPlan:
-    """Micro-batch and accumulation from the global batch and world size (exact or an error)."""
-    if global_batch < 1 or world_size < 1:
-        raise BatchError(f"global batch {global_batch} and world size {world_size} must be >= 1")
-    if global_batch % world_size:
-        raise BatchError(
-            f"global batch {global_batch} does not divide over {world_size} ranks "
-            f"({global_batch} / {world_size} = {global_batch / world_size:g}); choose a global "
-            f"batch that is a multiple of {world_size}"
-        )
-    per_rank = global_batch // world_size
-    if micro_batch is None:
-        return BatchPlan(global_batch, world_size, per_rank, 1)
-    if per_rank % micro_batch:
-        raise BatchError(
-            f"global batch {global_batch} = micro-batch {micro_batch} x accumulation x "
-            f"{world_size} ranks has no integer accumulation ({per_rank} examples per rank "
-            f"/ micro-batch {micro_batch} = {per_rank / micro_batch:g}); use a micro-batch "
-            f"that divides {per_rank}"
-        )
-    return BatchPlan(global_batch, world_size, micro_batch, per_rank // micro_batch)
 
 
 def resolve_precision(dist: DistributedConfig, on_gpu: bool) -> str:

@@ -7,7 +7,7 @@ the checkpoint's image-processor config. The head modules are those whose weight
 checkpoint did not provide or did not fit (`classifier` for ViT).
 
 Random init (offline smoke runs only: no pretrained ViT is reachable here): a small
-`ViTForImageClassification` from `RANDOM_INIT_CONFIG`, seeded. Its description starts with
+`ViTForImageClassification` from `RANDOM_VIT_CONFIG`, seeded. Its description starts with
 "random-init" and its id is `RANDOM_INIT_ID`; results from it are not comparable to the
 papers' and must be labelled as such.
 """
@@ -20,20 +20,21 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from harness.models import ModelSource, _rev, resolve_model
+from harness.models import (
+    RANDOM_VIT_CONFIG,
+    RANDOM_VIT_ID,
+    ModelSource,
+    hub_revision,
+    label_maps,
+    random_init_vit,
+    resolve_model,
+)
 from tasks.vision import ImageSettings
 
+# The random-init ViT itself lives in harness.models (its structure is read there too).
+RANDOM_INIT_ID = RANDOM_VIT_ID
+
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224-in21k"
-RANDOM_INIT_ID = "random-init/vit-h128-l4-p16"
-# ViT-B/16's shape, scaled down: 4 blocks of width 128 (4 heads, MLP 4x), 16 px patches.
-RANDOM_INIT_CONFIG = dict(
-    hidden_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=512,
-    patch_size=16,
-    num_channels=3,
-)
 # ViTImageProcessor's defaults (also what the in21k checkpoint ships).
 RANDOM_INIT_MEAN = (0.5, 0.5, 0.5)
 RANDOM_INIT_STD = (0.5, 0.5, 0.5)
@@ -47,23 +48,12 @@ class LoadedImageClassifier(NamedTuple):
     description: str  # "random-init ..." or "<model id>@<revision> (<source kind>)"
 
 
-def _label_maps(num_labels: int, label_names: list[str] | None) -> dict:
-    if label_names is None:
-        return {}
-    if len(label_names) != num_labels:
-        raise ValueError(f"{len(label_names)} label names for num_labels={num_labels}")
-    return {
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-
-
 def _processor_settings(source: ModelSource, image_size: int | None) -> ImageSettings:
     from transformers.image_processing_utils import ImageProcessingMixin
 
     try:
         cfg, _ = ImageProcessingMixin.get_image_processor_dict(
-            source.location, revision=_rev(source)
+            source.location, revision=hub_revision(source)
         )
     except OSError as err:
         raise FileNotFoundError(
@@ -81,20 +71,6 @@ def _processor_settings(source: ModelSource, image_size: int | None) -> ImageSet
     if mean is None or std is None or not cfg.get("do_normalize", True):
         raise ValueError(f"{source.model_id}: image-processor config has no mean/std")
     return ImageSettings(int(side), tuple(float(v) for v in mean), tuple(float(v) for v in std))
-
-
-def random_init_vit(num_labels: int, image_size: int = 224, seed: int = 0, label_names=None):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        **RANDOM_INIT_CONFIG,
-        image_size=image_size,
-        num_labels=num_labels,
-        **_label_maps(num_labels, label_names),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTForImageClassification(config)
 
 
 def load_image_classifier(
@@ -117,7 +93,7 @@ def load_image_classifier(
             raise ValueError("random_init builds its own small ViT; pass source=None")
         model = random_init_vit(num_labels, image_size, seed, label_names)
         settings = ImageSettings(image_size, RANDOM_INIT_MEAN, RANDOM_INIT_STD)
-        c = RANDOM_INIT_CONFIG
+        c = RANDOM_VIT_CONFIG
         description = (
             f"random-init ViT (NOT pretrained): {RANDOM_INIT_ID}, hidden {c['hidden_size']}, "
             f"{c['num_hidden_layers']} layers, patch {c['patch_size']}, {image_size}px, "
@@ -135,12 +111,12 @@ def load_image_classifier(
         torch.manual_seed(seed)
         model, info = AutoModelForImageClassification.from_pretrained(
             source.location,
-            revision=_rev(source),
+            revision=hub_revision(source),
             num_labels=num_labels,
             ignore_mismatched_sizes=True,
             output_loading_info=True,
             dtype=torch.float32,
-            **_label_maps(num_labels, label_names),
+            **label_maps(num_labels, label_names),
         )
     # The head is whatever the checkpoint did not provide (in21k: no classifier) or did not
     # fit (a classifier for another label count); it must train under every method.

@@ -7,7 +7,7 @@ import numpy as np
 
 from harness.image_models import RANDOM_INIT_ID, load_image_classifier
 from harness.models import LoadedModel, ModelSource
-from harness.pipelines import Pipeline, item_record, make_loader
+from harness.pipeline_base import Pipeline, item_record, make_loader
 from harness.train import predict
 from tasks.vision import collate
 

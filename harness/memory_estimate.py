@@ -21,8 +21,10 @@ compute dtype (bf16 2, fp32 4), per rank:
                allocator fragmentation, CUDA context and communication buffers.
 
 `init_peak_bytes`: before ZeRO partitions anything every rank holds the model as the
-pipeline loads it (`load_dtype`: fp32 4 P, bf16 2 P); a data-informed init adds fp32
-gradient accumulators for every targeted weight (4 sum(m n) over targets; in host memory
+pipeline loads it (`load_dtype`: fp32 4 P, bf16 2 P); a data-informed init adds what it holds
+(`Method.init_statistics_bytes`: fp32 gradient accumulators for every targeted weight, 4
+sum(m n) over targets, for LoRA-GA, LoRA-One, LoRA-SB; CG-LoRA's pooled K-FAC rows, 4 sum
+(min(N, n) n + min(N K, m) m) for N init examples and K Hutchinson samples; in host memory
 instead with `offload_init_statistics`, counted in `init_host_bytes`) and the activations of
 one init micro-batch in the load dtype (without gradient checkpointing for CG-LoRA, whose
 K-FAC passes switch it off).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -61,6 +64,7 @@ class MemoryEstimate:
     cpu_offload_bytes: int  # what offload moves to host memory, per rank
     init_peak_bytes: int  # load + method init, before partitioning (see module doc)
     init_host_bytes: int = 0  # init statistics offloaded to host memory, per rank
+    init_statistics_bytes: int = 0  # held by a data-informed init (Method.init_statistics_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -142,9 +146,10 @@ def estimate(
     ctx = methods.PrepareContext(head_modules=[], default_target_modules=targets)
     trainable = m.expected_trainable_params(model, hp, ctx)
     target_keys = getattr(hp, "target_modules", None) or targets
-    target_weights = sum(
-        layer.weight.numel() for _, layer in matching_linear_layers(model, list(target_keys))
-    )
+    layer_shapes = [
+        tuple(layer.weight.shape) for _, layer in matching_linear_layers(model, list(target_keys))
+    ]
+    target_weights = sum(out_dim * in_dim for out_dim, in_dim in layer_shapes)
 
     param = e * total
     if zero_stage == 3:
@@ -166,14 +171,17 @@ def estimate(
     acts = activation_bytes(config, micro_batch, seq_len, e, gradient_checkpointing)
     load_bytes = DTYPE_BYTES[load_dtype]
     init_peak = load_bytes * total  # every rank holds the model as loaded until ZeRO partitions
-    init_host = 0
+    init_host = statistics = 0
     if m.needs_init_batches:
         init_checkpointed = gradient_checkpointing and m.init_keeps_gradient_checkpointing
         init_peak += activation_bytes(config, micro_batch, seq_len, load_bytes, init_checkpointed)
+        # init batches of `micro_batch` examples each, on this rank
+        examples = m.init_batches_wanted(hp, SimpleNamespace(batch_size=micro_batch)) * micro_batch
+        statistics = m.init_statistics_bytes(hp, layer_shapes, examples)
         if offload_init_statistics:
-            init_host = 4 * target_weights
+            init_host = statistics
         else:
-            init_peak += 4 * target_weights
+            init_peak += statistics
     return MemoryEstimate(
         model_type=config.model_type,
         method=method,
@@ -193,6 +201,7 @@ def estimate(
         cpu_offload_bytes=offloaded,
         init_peak_bytes=init_peak,
         init_host_bytes=init_host,
+        init_statistics_bytes=statistics,
     )
 
 

@@ -54,6 +54,17 @@ class ModelSource:
 
 RANDOM_INIT_PREFIX = "random-init/"  # seeded random weights, for offline smoke runs only
 RANDOM_INIT_REVISION = "random-init: NOT pretrained"
+# Small seeded random ViT for offline image smoke runs (harness.image_models): ViT-B/16's
+# shape, scaled down: 4 blocks of width 128 (4 heads, MLP 4x), 16 px patches.
+RANDOM_VIT_ID = "random-init/vit-h128-l4-p16"
+RANDOM_VIT_CONFIG = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    patch_size=16,
+    num_channels=3,
+)
 # Small seeded random T5 (T5-base's shape scaled down: relu FFN, tied embeddings) for offline
 # text-to-text smoke runs; no T5 weights or SentencePiece model can be had on this machine.
 RANDOM_T5_ID = "random-init/t5-d64-l2"
@@ -70,8 +81,6 @@ SEQ2SEQ_MODEL_TYPES = frozenset({"t5"})
 
 def random_init_model_type(model_id: str) -> str:
     """The family of a random-init id (ViT or T5); any other random-init id is an error."""
-    from harness.image_models import RANDOM_INIT_ID as RANDOM_VIT_ID
-
     known = {RANDOM_VIT_ID: "vit", RANDOM_T5_ID: "t5"}
     if model_id not in known:
         raise ValueError(f"unknown random-init model {model_id!r}; known: {', '.join(known)}")
@@ -201,13 +210,11 @@ def model_structure(model_id: str, revision: str | None, model_dir: str | None) 
         linear, shapes = _linear_layers(model)
         return ModelStructure("t5", linear, default_target_modules("t5"), shapes)
     if source.kind == "random-init":
-        from harness.image_models import random_init_vit
-
         with torch.device("meta"):
             model = random_init_vit(num_labels=2)
         linear, shapes = _linear_layers(model)
         return ModelStructure("vit", linear, default_target_modules("vit"), shapes)
-    config = AutoConfig.from_pretrained(source.location, revision=_rev(source))
+    config = AutoConfig.from_pretrained(source.location, revision=hub_revision(source))
     with torch.device("meta"):
         if config.model_type in SEQ2SEQ_MODEL_TYPES:  # with its LM head, as it is trained
             from transformers import AutoModelForSeq2SeqLM
@@ -230,7 +237,8 @@ def _linear_layers(model: nn.Module) -> tuple[tuple[str, ...], dict[str, tuple[i
     return tuple(n for n, _ in layers), {n: (m.out_features, m.in_features) for n, m in layers}
 
 
-def _rev(source: ModelSource) -> str | None:
+def hub_revision(source: ModelSource) -> str | None:
+    """The revision to ask from_pretrained for: the commit of a hub model, else none."""
     return source.revision if source.kind == "hub" else None
 
 
@@ -253,13 +261,13 @@ def load_sequence_model(
     hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected
     model, info = AutoModelForSequenceClassification.from_pretrained(
         source.location,
-        revision=_rev(source),
+        revision=hub_revision(source),
         num_labels=num_labels,
         problem_type="regression" if regression else "single_label_classification",
         output_loading_info=True,
         dtype=dtype,
     )
-    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=hub_revision(source))
     # The head is whatever the checkpoint did not provide; it must train under every method.
     head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
     return LoadedModel(model, tokenizer, head, source, model.config.model_type)
@@ -270,9 +278,9 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32) -> L
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        source.location, revision=_rev(source), dtype=dtype
+        source.location, revision=hub_revision(source), dtype=dtype
     )
-    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=hub_revision(source))
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so EOS can stand in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -286,7 +294,36 @@ def source_model_type(source: ModelSource) -> str:
         return random_init_model_type(source.model_id)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.location, revision=_rev(source)).model_type
+    return AutoConfig.from_pretrained(source.location, revision=hub_revision(source)).model_type
+
+
+# ---------------------------------------------------------------- random-init ViT
+
+
+def label_maps(num_labels: int, label_names: list[str] | None) -> dict:
+    """A classifier config's id2label/label2id for `label_names` (none when None)."""
+    if label_names is None:
+        return {}
+    if len(label_names) != num_labels:
+        raise ValueError(f"{len(label_names)} label names for num_labels={num_labels}")
+    return {
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+
+
+def random_init_vit(num_labels: int, image_size: int = 224, seed: int = 0, label_names=None):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        **RANDOM_VIT_CONFIG,
+        image_size=image_size,
+        num_labels=num_labels,
+        **label_maps(num_labels, label_names),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTForImageClassification(config)
 
 
 # ---------------------------------------------------------------- encoder-decoders (T5)
@@ -363,7 +400,7 @@ def load_seq2seq_lm(
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        source.location, revision=_rev(source), dtype=dtype
+        source.location, revision=hub_revision(source), dtype=dtype
     )
-    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=_rev(source))
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=hub_revision(source))
     return LoadedModel(model, tokenizer, [], source, model.config.model_type)

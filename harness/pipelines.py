@@ -12,26 +12,22 @@ text-to-text (`head_kind`), and then its row records the text-to-text protocol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from harness.generate import greedy_generate
 from harness.models import (
     SEQ2SEQ_MODEL_TYPES,
-    LoadedModel,
     ModelSource,
     load_causal_lm,
     load_sequence_model,
     source_model_type,
 )
-from harness.sharding import Shard
-from harness.train import cycle, predict
+from harness.pipeline_base import Pipeline, item_record, make_loader, target_tokens_in
+from harness.train import predict
 from tasks.base import DataSplits, HeadKind, Task
 from tasks.generative import IGNORE_INDEX, GenerativeTask
 
@@ -39,78 +35,6 @@ from tasks.generative import IGNORE_INDEX, GenerativeTask
 def _to_rows(encoded: dict[str, list]) -> list[dict[str, Any]]:
     keys = list(encoded)
     return [dict(zip(keys, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
-
-
-def make_loader(
-    rows, collate, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        rows,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=collate,
-        generator=generator,
-        drop_last=drop_last,
-    )
-
-
-def item_record(predictions: np.ndarray, labels: np.ndarray, regression: bool) -> dict:
-    if regression:
-        return {"pred": np.round(predictions, 5).tolist(), "label": labels.tolist()}
-    return {"pred": predictions.astype(int).tolist(), "label": labels.astype(int).tolist()}
-
-
-def examples_in(batch: dict[str, torch.Tensor]) -> int:
-    """Loss terms of a per-example loss (classification, regression): the examples."""
-    return int(batch["labels"].shape[0])
-
-
-def target_tokens_in(batch: dict[str, torch.Tensor]) -> int:
-    """Loss terms of a causal LM's token-mean loss: the labelled tokens after the shift."""
-    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
-
-
-@dataclass
-class Pipeline:
-    """A loaded model plus the train rows, batching and split evaluators of one trial."""
-
-    loaded: LoadedModel
-    train_rows: list[Any]
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-    evaluators: dict[str, Callable[[], dict[str, float]]]  # "selection", "test/<name>"
-    # Per-item outcomes of the last evaluation of each split (for paired statistics):
-    # {"pred": [...], "label": [...]} or, for generative tasks, {"correct": [...]}.
-    items: dict[str, dict[str, list]] = field(default_factory=dict)
-    # Distributed trials: each rank evaluates its share of the items (harness.sharding).
-    shard: Shard | None = None
-    # What the model's loss averages over in a batch, so that micro-batches can be weighted
-    # to give the whole batch's mean (harness.distributed.global_batch_step).
-    loss_terms: Callable[[dict[str, torch.Tensor]], int] = examples_in
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.loaded.model
-
-    def loader(self, batch_size: int, seed: int) -> DataLoader:
-        """Training batches in a seeded order; an epoch's incomplete last batch is dropped,
-        so every step is one full batch - the global batches of the distributed path
-        (harness.distributed.RankShares draws the same order)."""
-        return make_loader(
-            self.train_rows, self.collate, batch_size, shuffle=True, seed=seed, drop_last=True
-        )
-
-    def batches(self, batch_size: int, seed: int, device) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless training batches (epochs reshuffled, as in training), on `device`."""
-        if len(self.train_rows) < batch_size:
-            raise ValueError(
-                f"{len(self.train_rows)} train rows cannot fill a batch of {batch_size}"
-            )
-        for batch in cycle(self.loader(batch_size, seed)):
-            yield {k: v.to(device) for k, v in batch.items()}
-
-    def evaluate(self, split: str) -> dict[str, float]:
-        return self.evaluators[split]()
 
 
 def head_kind(task: Task, model_type: str | None) -> HeadKind:

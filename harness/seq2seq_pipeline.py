@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from harness.models import ModelSource, load_seq2seq_lm
-from harness.pipelines import Pipeline, item_record, make_loader
+from harness.pipeline_base import Pipeline, item_record, make_loader
 from tasks.base import Task, TextToText
 from tasks.generative import IGNORE_INDEX
 

@@ -155,7 +155,7 @@ def scheduler(cfg: SweepConfig, todo: list[TrialSpec]):
     """None (Tune's FIFO order), or ASHA within each (method, task, seed) group."""
     if cfg.tracking.early_stop != "asha" or not todo:
         return None
-    from harness.trial import planned_steps
+    from harness.train import planned_steps
 
     rows = cfg.budget.train_rows
     steps = cfg.budget.max_steps or (planned_steps(cfg.budget, rows) if rows else None)

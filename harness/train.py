@@ -37,6 +37,16 @@ def check_divergence(step: int, loss: float, losses: list[float]) -> None:
         )
 
 
+def planned_steps(budget, train_rows: int) -> int:
+    """Optimizer steps of a trial: `max_steps`, else `epochs` x full batches per epoch (the
+    loaders drop an epoch's incomplete last batch, on one device and distributed alike)."""
+    if train_rows < budget.batch_size:
+        raise ValueError(f"{train_rows} train rows cannot fill one batch of {budget.batch_size}")
+    if budget.max_steps:
+        return budget.max_steps
+    return math.ceil(budget.epochs * (train_rows // budget.batch_size))
+
+
 def train_step(
     model: nn.Module,
     batch: dict[str, torch.Tensor],

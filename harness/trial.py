@@ -8,7 +8,6 @@ status "failed" (or "diverged") and the error text.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import traceback
@@ -29,7 +28,7 @@ from harness.models import resolve_model, source_model_type
 from harness.pipelines import build_pipeline, task_protocol
 from harness.progress import progress_bar
 from harness.tracking import LiveReport
-from harness.train import Diverged, train
+from harness.train import Diverged, planned_steps, train
 from tasks.data import pinned_revisions
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
@@ -166,16 +165,6 @@ def load_data_and_model(
         dtype=dtype,
     )
     return task, splits, pipeline
-
-
-def planned_steps(budget, train_rows: int) -> int:
-    """Optimizer steps of a trial: `max_steps`, else `epochs` x full batches per epoch (the
-    loaders drop an epoch's incomplete last batch, on one device and distributed alike)."""
-    if train_rows < budget.batch_size:
-        raise ValueError(f"{train_rows} train rows cannot fill one batch of {budget.batch_size}")
-    if budget.max_steps:
-        return budget.max_steps
-    return math.ceil(budget.epochs * (train_rows // budget.batch_size))
 
 
 def _run(

@@ -187,6 +187,14 @@ class Method:
         """How many training batches the data-informed init consumes (0 if none)."""
         return 0
 
+    def init_statistics_bytes(
+        self, hp: Hyperparams, layer_shapes: list[tuple[int, int]], examples: int
+    ) -> int:
+        """Bytes the data-informed init holds besides the model, for `layer_shapes` (out, in)
+        of the targeted weights and `examples` init examples on this rank (the memory
+        estimate uses it). Default: one fp32 gradient accumulator per weight, 4 sum(m n)."""
+        return 4 * sum(out_dim * in_dim for out_dim, in_dim in layer_shapes)
+
     def prepare(self, model: nn.Module, hp: Hyperparams, ctx: PrepareContext) -> nn.Module:
         """Return the model to train (wrapped/reparameterised, init done, trainables set)."""
         raise NotImplementedError

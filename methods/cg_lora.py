@@ -283,6 +283,17 @@ class CgLora(PeftLoraMethod):
         batch_size = (ctx.batch_size if ctx is not None else None) or 8  # paper: batch 8
         return math.ceil(hp.init_examples / batch_size)
 
+    def init_statistics_bytes(
+        self, hp: CgLoraHyperparams, layer_shapes: list[tuple[int, int]], examples: int
+    ) -> int:
+        """The K-FAC factors' pooled float32 rows (methods.kfac.FactorStat): per layer X
+        (N, n) and Gs (N K, m), each folded into its d x d Gram once it has d rows; no
+        m x n accumulator. The whitened-gradient projections (eig_dim^2) are negligible."""
+        k = hp.hutchinson_samples
+        return 4 * sum(
+            min(examples, n) * n + min(examples * k, m) * m for m, n in layer_shapes
+        )
+
     def starts_at_base(self, hp: CgLoraHyperparams) -> bool:
         return hp.variant == "shift"  # no_shift starts at W0 + s B0 A0
 

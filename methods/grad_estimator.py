@@ -44,7 +44,7 @@ class LayerGradients:
         return iter(list(self.sums))
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -100,7 +100,7 @@ def layer_gradients(
         model.train(was_training)
 
     total = torch.tensor(float(count))
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(total)
         for name in layers:
             tensor = sums[name]
@@ -125,7 +125,7 @@ def example_batches(batches: Iterable[Batch], examples: int) -> Iterator[Batch]:
     ranks (rank i takes `examples // world` + 1 if i < `examples % world` from its own
     share), so the all-reduced count is `examples`. Raises if the batches run out first.
     """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
     quota = examples // world + (1 if rank < examples % world else 0)
     if quota == 0:
         raise ValueError(f"{examples} init examples cannot be split over {world} processes")

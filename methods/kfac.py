@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch import nn
 
 from methods.base import Batch, loss_weight
-from methods.grad_estimator import _distributed
+from methods.grad_estimator import is_distributed
 
 LossKind = Literal["auto", "mse", "ce", "bce", "causal_lm", "token_ce"]
 IGNORE_INDEX = -100
@@ -219,7 +219,7 @@ class Factor:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         out = self.stat.matmul(v.to(self.stat.device()))
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(out)
         return out / self.total
 
@@ -456,7 +456,7 @@ def collect_kfac(
     }
     taps = _Taps()
     masks: dict = {}
-    rank = dist.get_rank() if _distributed() else 0
+    rank = dist.get_rank() if is_distributed() else 0
     generator: torch.Generator | None = None
     kinds: set[str] = set()
     fingerprints: list[str] = []
@@ -518,7 +518,7 @@ def collect_kfac(
     # one all-reduce: the energies decide which factors are degenerate, identically on all ranks
     zero = torch.zeros(4, dtype=torch.float64)
     counts = torch.cat([counts, *(energies.get(n, zero).cpu() for n in stats)])
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(counts)
     totals = iter(int(c) for c in counts[1 : 1 + 2 * len(stats)].tolist())
     sums = iter(counts[1 + 2 * len(stats) :].view(-1, 4).tolist())
@@ -680,7 +680,7 @@ def projected_gradients(
     if count == 0:
         raise ValueError("the init batch iterator yielded no batch")
     total = torch.tensor(float(count), dtype=torch.float64)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(total)
         for name in sums:
             dist.all_reduce(sums[name])

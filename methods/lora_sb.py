@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from methods.base import Hyperparams, Method, PrepareContext
 from methods.grad_estimator import example_batches, layer_gradients
-from methods.lora_xs import inject, merge_and_unload
+from methods.lora_xs import OFFICIAL_TARGETS, inject, merge_and_unload
 from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
 from methods.registry import register_method
 
@@ -66,17 +66,6 @@ class LoraSbHyperparams(Hyperparams):
         if self.init_examples is not None and self.init_batches is not None:
             raise ValueError("set at most one of init_examples and init_batches")
         return self
-
-
-# The official GLUE targets (CERT-Lab/lora-sb models.py, RoBERTa): query, value and both
-# output projections; our encoder default also adapts key and intermediate.dense.
-_GLUE_TARGETS = ["query", "value", "attention.output.dense", "output.dense"]
-OFFICIAL_TARGETS: dict[str, list[str]] = {
-    "bert": _GLUE_TARGETS,
-    "roberta": _GLUE_TARGETS,
-    "xlm-roberta": _GLUE_TARGETS,
-    "deberta-v2": ["query_proj", "value_proj", "attention.output.dense", "output.dense"],
-}
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None):

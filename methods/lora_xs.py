@@ -54,6 +54,17 @@ from methods.registry import register_method
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
+# The official GLUE targets of LoRA-SB (CERT-Lab/lora-sb models.py, RoBERTa), which LoRA-XS
+# shares: query, value and both output projections; our encoder default also adapts key
+# and intermediate.dense. Kept here, below lora_sb (which imports this module).
+GLUE_TARGETS = ["query", "value", "attention.output.dense", "output.dense"]
+OFFICIAL_TARGETS: dict[str, list[str]] = {
+    "bert": GLUE_TARGETS,
+    "roberta": GLUE_TARGETS,
+    "xlm-roberta": GLUE_TARGETS,
+    "deberta-v2": ["query_proj", "value_proj", "attention.output.dense", "output.dense"],
+}
+
 
 class LoraXSLinear(nn.Module):
     """base(x) + s * B R A x, with B (out, r) and A (r, in) buffers and R (r, r) a parameter."""
@@ -87,7 +98,7 @@ class LoraXSLinear(nn.Module):
         )
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -105,7 +116,7 @@ def inject(
         if base.bias is not None:
             base.bias.requires_grad_(False)
         wrapped[name] = LoraXSLinear(base, rank, scaling)
-        _set_module(model, name, wrapped[name])
+        set_module(model, name, wrapped[name])
     return wrapped
 
 
@@ -153,7 +164,7 @@ def merge_wrapped(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
     for name, layer in layers.items():
         base = layer.base_layer
         base.weight += layer.delta_weight().to(base.weight.dtype)
-        _set_module(model, name, base)
+        set_module(model, name, base)
     return model
 
 
@@ -187,8 +198,6 @@ class LoraXs(Method):
     hyperparams_cls = LoraXsHyperparams
 
     def family_target_modules(self, model_type: str) -> list[str]:
-        from methods.lora_sb import OFFICIAL_TARGETS  # lora_sb imports this module
-
         if model_type in OFFICIAL_TARGETS:
             return list(OFFICIAL_TARGETS[model_type])
         return super().family_target_modules(model_type)

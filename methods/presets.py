@@ -37,7 +37,7 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "lora_sb": {
         # CERT-Lab/lora-sb train_glue.py: num_samples=2 examples, eff_lr = lr / (warmup_ratio
         # x total steps), lora_alpha = r (s = 1), models.py RoBERTa targets (the GLUE family
-        # default, methods/lora_sb.py OFFICIAL_TARGETS); scripts/run_glue.sh RANK=24.
+        # default, methods/lora_xs.py OFFICIAL_TARGETS); scripts/run_glue.sh RANK=24.
         "official-glue": {
             "rank": 24, "scaling": 1.0, "init_examples": 2, "init_eta_rule": "warmup_increment",
         },

@@ -80,7 +80,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from methods.base import LocalParamAccess, Method, ParamAccess, PrepareContext, TrainCallback
-from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _set_module, merge_wrapped
+from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_wrapped, set_module
 from methods.peft_lora import (
     LoraHyperparams,
     check_rank_fits,
@@ -215,7 +215,7 @@ def inject(
         if base.bias is not None:
             base.bias.requires_grad_(False)
         wrapped[name] = SdsLoraLinear(base, rank, scaling, dropout)
-        _set_module(model, name, wrapped[name])
+        set_module(model, name, wrapped[name])
     return wrapped
 
 

@@ -712,3 +712,27 @@ def test_two_gloo_ranks_with_different_batches_initialise_identically():
     key = next(k for k in rank0 if "lora_B" in k)
     b_alone = alone.get_parameter(key).detach()
     assert rel(b_alone @ b_alone.T, rank0[key] @ rank0[key].T) > 1e-3
+
+
+def _held_bytes(stat) -> int:
+    held = [stat._gram] if stat.is_dense else stat._rows
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def test_init_statistics_bytes_is_what_the_kfac_factors_hold():
+    """The memory estimate's CG-LoRA term (Method.init_statistics_bytes) against the bytes
+    collect_kfac's factors really hold: rows below the dimension, a Gram matrix above it."""
+    from methods import get_method
+
+    model = Mlp(n=40, m=12, c=3)  # 16 examples: X stays rows (16 < 40), S folds (32 > 12)
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(3))
+    result = collect_kfac(model, {"fc1": model.fc1}, [{"x": x}], loss_kind="mse", samples=2)
+    factors = result.factors["fc1"]
+    assert not factors.a_in.stat.is_dense and factors.s.stat.is_dense
+    held = _held_bytes(factors.a_in.stat) + _held_bytes(factors.s.stat)
+    cg = get_method("cg_lora")
+    hp = cg.hyperparams({"hutchinson_samples": 2})
+    assert cg.init_statistics_bytes(hp, [(12, 40)], examples=16) == held == 4 * (16 * 40 + 12 * 12)
+    # LoRA-GA's accumulator term is the dense m x n gradient: the claim's other side
+    lora_ga = get_method("lora_ga")
+    assert lora_ga.init_statistics_bytes(lora_ga.hyperparams({}), [(12, 40)], 16) == 4 * 12 * 40

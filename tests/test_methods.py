@@ -80,11 +80,11 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-ALL = ["full_ft", "lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga", "lora_one", "lora_sb"]
+# Every registered method's init promise, formula, training step, save/load and merge are
+# checked over the registry in tests/test_contracts.py; this file checks each one's maths.
 
 
 def test_registry_and_hyperparameter_validation():
-    assert set(ALL) <= set(methods.method_names())
     with pytest.raises(KeyError, match="unknown method"):
         methods.get_method("lora_xyz")
     lora = methods.get_method("lora")
@@ -109,12 +109,6 @@ def test_default_targets_are_exactly_the_block_linears():
     names = [n for n, _ in matching_linear_layers(tiny_bert(), TARGETS, HEAD)]
     assert len(names) == 2 * 6
     assert not any("pooler" in n or "classifier" in n for n in names)
-
-
-@pytest.mark.parametrize("name", ["lora", "rslora", "lora_plus", "dora", "pissa", "lora_ga"])
-def test_initial_logits_equal_the_base_model(name):
-    base, model, *_ = prepare(name)
-    torch.testing.assert_close(logits(model), logits(base), atol=2e-5, rtol=1e-4)
 
 
 def test_lora_starts_with_zero_B_and_scaling_alpha_over_r():
@@ -271,25 +265,10 @@ def test_merged_equals_unmerged_after_training_like_perturbation(name):
     torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_one_step_moves_only_what_the_method_trains(name):
-    _, model, method, hp, _ = prepare(name)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = method.build_optimizer(model, 1e-2, hp)
-    model.train()
-    loss = model(**batch(5)).loss
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        assert abs(model(**batch(5)).loss.item() - loss.item()) > 1e-6  # the step did something
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert changed <= trained
-    assert any("classifier" in n for n in changed)
-    if name != "full_ft":
-        assert any("lora_" in n for n in changed)
-    if name == "lora_sb":
-        assert all(n.endswith("lora_R") or "classifier" in n for n in trained)
+def test_lora_sb_trains_only_its_r_by_r_matrices_and_the_head():
+    _, model, *_ = prepare("lora_sb")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.endswith("lora_R") or "classifier" in n for n in trained)
 
 
 def test_pissa_niter_uses_the_randomized_svd_and_keeps_W0():

@@ -151,7 +151,7 @@ def predicted(method: str, s: WidthSettings) -> dict[str, int]:
     return {
         "predicted_total_bytes": est.init_peak_bytes,
         "predicted_extra_bytes": est.init_peak_bytes - 4 * est.total_params,
-        "predicted_statistics_bytes": 4 * est.target_weight_params,
+        "predicted_statistics_bytes": est.init_statistics_bytes,
     }
 
 
@@ -202,8 +202,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "checkpointing); total = model + init, extra = init alone. Statistics held: the exact "
         "fp32 bytes each method keeps over the pass (LoRA-GA, LoRA-One, LoRA-SB: a gradient "
         "accumulator per targeted weight, sum of m x n; CG-LoRA: pooled K-FAC rows, "
-        "min(N, n) x n + min(N, m) x m per layer, N examples); the estimator counts sum of "
-        "m x n for every data-informed init.",
+        "min(N, n) x n + min(N, m) x m per layer, N examples); the estimator counts the same "
+        "terms (`Method.init_statistics_bytes`).",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join("---" for _ in HEADERS) + "|",
