@@ -174,17 +174,17 @@ def _killed_trainable(config: dict) -> None:
         time.sleep(30)  # a handled signal may take a moment to end the worker
 
 
-@pytest.mark.parametrize(
-    ("sent", "expected"),
-    [
-        ("SIGKILL", "killed by SIGKILL (9)"),  # the OOM killer's signal: no handler runs
-        ("SIGSEGV", "fatal signal: Fatal Python error: Segmentation fault"),
-        ("SIGTERM", "terminated by SIGTERM (15)"),
-    ],
-)
-def test_a_killed_worker_row_says_why_not_only_where(tmp_path, sent, expected):
+KILLS = [  # (signal sent, what the row must say)
+    ("SIGKILL", "killed by SIGKILL (9)"),  # the OOM killer's signal: no handler runs
+    ("SIGSEGV", "fatal signal: Fatal Python error: Segmentation fault"),
+    ("SIGTERM", "terminated by SIGTERM (15)"),
+]
+
+
+def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
     """Ray gives a killed worker's trial only an error file in its temporary session folder,
-    which names no signal; the row must carry the cause: the signal and the last memory."""
+    which names no signal; the row must carry the cause: the signal and the last memory.
+    One Ray session, three trials, each worker killed another way."""
     import ray
     from ray import tune
 
@@ -193,7 +193,7 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path, sent, expected):
 
     raw = yaml.safe_load(_config(tmp_path, str(tmp_path)).read_text())
     raw["methods"] = {"lora": {"lrs": [1e-3]}}
-    raw["seeds"] = [0]
+    raw["seeds"] = list(range(len(KILLS)))
     from harness.config import validate_config
 
     specs = with_identity(expand(validate_config(raw)))
@@ -202,7 +202,8 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path, sent, expected):
     try:
         tune.Tuner(
             tune.with_resources(_killed_trainable, {"cpu": 1}),
-            param_space={"index": tune.grid_search([0]), "signal": sent},
+            param_space={"index": tune.grid_search(list(range(len(KILLS)))),
+                         "signal": tune.sample_from(lambda c: KILLS[c.config.index][0])},
             run_config=tune.RunConfig(
                 name="exp", storage_path=str(tmp_path / "ray"), verbose=0,
                 callbacks=[_make_callback(out, specs)],
@@ -212,14 +213,16 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path, sent, expected):
         ray.shutdown()
     from harness.results import read_runs
 
-    row = read_runs(out).iloc[0]
-    assert row["status"] == "failed"
-    cause = row["error"].split("(error file:")[0]
-    assert expected in cause, row["error"]
-    assert "resident memory" in cause, row["error"]
-    if sent != "SIGSEGV":
-        # Ray's own words stay beside the witness's: "... its worker process has died."
-        assert "worker process has died" in cause, row["error"]
+    rows = read_runs(out).set_index("seed")
+    for seed, (sent, expected) in enumerate(KILLS):
+        row = rows.loc[seed]
+        assert row["status"] == "failed", sent
+        cause = row["error"].split("(error file:")[0]
+        assert expected in cause, (sent, row["error"])
+        assert "resident memory" in cause, (sent, row["error"])
+        if sent != "SIGSEGV":
+            # Ray's own words stay beside the witness's: "... its worker process has died."
+            assert "worker process has died" in cause, (sent, row["error"])
 
 
 def _free_port() -> int:
