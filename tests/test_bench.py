@@ -67,9 +67,16 @@ def test_all_table_has_every_method_and_the_four_targets(tiny_bench):
     for t in payload["targets"]:  # met follows from measured and bound
         for part in t["parts"]:
             value, bound = part["measured"], part["bound"]
-            assert value is not None, part
+            if value is None:
+                # Measured in one process (isolate=False), an init need not raise the
+                # process's peak RSS, so its memory ratio is not measured: the target must
+                # then say so (None), never claim met.
+                assert not payload["isolated"] and "memory" in part["what"], part
+                assert part["met"] is None
+                continue
             assert part["met"] == (value <= bound if part["op"] == "<=" else value < bound)
-        assert t["met"] == all(p["met"] for p in t["parts"])
+        parts = [p["met"] for p in t["parts"]]
+        assert t["met"] == (None if None in parts else all(parts))
 
     table = markdown(payload)
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()]
@@ -152,4 +159,4 @@ def test_report_shows_the_bench_table_found_beside_the_output_dir(tiny_bench, tm
         assert f"| {name} |" in section, name
     target_rows = [line for line in section.splitlines() if "| &lt;" in line]  # the bounds
     assert len(target_rows) == 6  # SDS-LoRA 2 parts, LoRA-SB 1, CG-LoRA 2, harness 1
-    assert all(row.endswith(("| met |", "| not met |")) for row in target_rows)
+    assert all(row.endswith(("| met |", "| not met |", "| not measured |")) for row in target_rows)

@@ -346,9 +346,15 @@ def fake_hub(monkeypatch, mirror_dir):
         df = df.head(120) if revision != SHA_NEW else df.tail(120)  # a new commit's data
         return datasets.Dataset.from_pandas(df.reset_index(drop=True))
 
+    import tasks.data
+
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    # The fake commits must not outlive the test in the per-process cache of resolutions
+    # (a later test would read the real hub at "aaaa...").
+    monkeypatch.setattr(tasks.data, "_resolved", {})
+    monkeypatch.setattr(tasks.data, "_pinned", {})
     return hub
 
 
