@@ -194,7 +194,9 @@ def driver(
     from harness.tracking import final_report
 
     spec = TrialSpec(**specs[config["index"]])
-    row = run_distributed_trial(spec, train_storage, adapters_dir, live=True,
+    # Live reports only when asked for (`tracking.report_every`): under Train V2 each
+    # `ray.train.report` can wait for the controller's ~2 s poll, on every rank.
+    row = run_distributed_trial(spec, train_storage, adapters_dir, live=report_every is not None,
                                 report_every=report_every)  # fmt: skip
     tune.report(final_report(row, json.dumps(row, default=str)))
 
