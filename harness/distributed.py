@@ -361,16 +361,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function; rank 0 returns the result row."""
+    report_every = config.get("report_every") if config.get("live") else 0
+    return rank_trial(TrialSpec(**config["spec"]), report_every)
+
+
+def rank_trial(spec: TrialSpec, report_every: int | None = 0) -> dict[str, Any] | None:
+    """One trial on this rank of the current Ray Train worker group (inside a Train loop);
+    rank 0 returns the result row, the others None. `report_every` as `_run_rank`'s."""
     import ray.train
 
     from harness.sanity import SanityError
     from harness.train import Diverged
 
-    spec = TrialSpec(**config["spec"])
     rank = ray.train.get_context().get_world_rank()
     row = base_row(spec)
     try:
-        _run_rank(spec, row, rank, config.get("report_every") if config.get("live") else 0)
+        _run_rank(spec, row, rank, report_every)
     except Diverged as err:  # the loss is all-reduced first: every rank raises together
         row.update(status=STATUS_DIVERGED, error=str(err))
     except SanityError as err:  # computed identically on every rank

@@ -16,6 +16,9 @@ Writing runs (`append_runs`, `write_runs`, `compact_runs`, `RunRecorder`):
 - Files are created with mode 0666 minus the umask (no 0600 temp files), like any file.
 - An unreadable runs.parquet (truncated, garbage) is one `ResultsError` naming the file and
   how to recover; it is never overwritten.
+- The columns, their order and their types are the run record's (harness.run_record): a
+  row with an unknown column or a value of the wrong type is refused before anything is
+  written, and runs.parquet is always written with the run record's Arrow schema.
 
 The leaderboard is a pure function of the runs: rows sharing a key are one run (the last
 ok one is kept, the others dropped and counted in `n_duplicate_rows`), and `n_seeds`
@@ -43,6 +46,13 @@ import pandas as pd
 
 from harness.config import ConfigError
 from harness.identity import mixed_versions
+from harness.run_record import (
+    FIELDS_BY_NAME,
+    RUN_COLUMNS,
+    RunRecordError,
+    arrow_schema,
+    validate_row,
+)
 from harness.stats import ci95, paired_bootstrap
 
 RUNS_FILE = "runs.parquet"
@@ -51,19 +61,8 @@ LEADERBOARD_FILE = "leaderboard.parquet"
 JOURNAL_DIR = "runs.journal"  # one JSON file per appended row not yet in runs.parquet
 LOCK_FILE = ".runs.lock"
 
-# Columns every runs.parquet has, in this order (missing values are null); see README.
-RUN_COLUMNS = [
-    "key", "sweep", "status", "error", "method", "method_config", "task", "protocol",
-    "model_id", "model_revision", "model_source", "data_kind", "data_source", "train_rows",
-    "selection_rows", "test_rows", "seed", "lr", "budget", "trainable_params", "total_params",
-    "expected_trainable_params", "init_time_s", "train_time_s", "eval_time_s", "wall_time_s",
-    "peak_memory_mb", "peak_memory_kind", "steps", "samples_per_s", "tokens_per_s",
-    "final_train_loss", "selection_metric", "selection_score", "selection_metrics",
-    "test_metric", "test_score", "test_metrics", "majority_baseline", "loss_curve",
-    "eval_curve", "test_items", "sanity_init", "sanity_merge", "sanity_callbacks", "packages",
-    "git_commit", "hostname", "device", "threads", "started_at", "traceback", "key_version",
-    "setting_key", "data_fingerprint", "legacy_key", "adapter_path", "adapter_bytes",
-]  # fmt: skip
+# RUN_COLUMNS (imported above from harness.run_record, still importable from here): the
+# columns every runs.parquet has, in this order (missing values are null).
 
 LEADERBOARD_COLUMNS = [
     "method", "task", "model_id", "test_metric", "test_mean", "test_std", "test_ci_low",
@@ -86,6 +85,10 @@ class ResultsError(ConfigError):
 
 class NotCompactedError(ResultsError):
     """The rows are safe in the journal, but runs.parquet could not be rewritten (yet)."""
+
+
+class RowRefusedError(ResultsError):
+    """A row that does not fit the run record (harness.run_record); nothing was written."""
 
 
 _counter = itertools.count()
@@ -148,8 +151,14 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     write_files_atomically([(path, write)])
 
 
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    _atomic_write(Path(path), lambda f: df.to_parquet(f, index=False))
+def atomic_write_parquet(data: Any, path: Path) -> None:
+    """`data`: a DataFrame, or a pyarrow Table (written with its own schema)."""
+    if isinstance(data, pd.DataFrame):
+        _atomic_write(Path(path), lambda f: data.to_parquet(f, index=False))
+    else:
+        import pyarrow.parquet as pq
+
+        _atomic_write(Path(path), lambda f: pq.write_table(data, f))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -284,32 +293,53 @@ def normalise_runs(rows: list[dict]) -> pd.DataFrame:
     for col in RUN_COLUMNS:
         if col not in df.columns:
             df[col] = None
-    extra = [c for c in df.columns if c not in RUN_COLUMNS]
+    extra = [c for c in df.columns if c not in FIELDS_BY_NAME]
     df = df[RUN_COLUMNS + extra]
-    # Stable dtypes so appends of partial rows never change the schema.
-    for col in ("trainable_params", "total_params", "expected_trainable_params", "steps",
-                "train_rows", "selection_rows", "seed", "key_version",
-                "adapter_bytes"):  # fmt: skip
-        df[col] = pd.array(df[col], dtype="Int64")
-    for col in ("lr", "init_time_s", "train_time_s", "eval_time_s", "wall_time_s",
-                "peak_memory_mb", "samples_per_s", "tokens_per_s", "final_train_loss",
-                "selection_score", "test_score", "majority_baseline"):  # fmt: skip
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in RUN_COLUMNS:
-        if df[col].dtype == object:
-            df[col] = df[col].astype("string")
+    return _typed(df)
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Every run column in its run-record dtype, so appends of partial rows (or an all-null
+    column) never change the schema; columns the run record lacks (only in files or journal
+    entries written by older code) keep their values, as strings when they were objects."""
+    for col in df.columns:
+        field = FIELDS_BY_NAME.get(col)
+        values = df[col]
+        if field is None or field.kind in ("str", "json"):
+            if field is not None and not isinstance(values.dtype, pd.StringDtype):
+                values = values.astype(object).where(values.notna(), None)
+            if values.dtype == object:
+                df[col] = values.astype("string")
+        elif field.kind == "int":
+            df[col] = pd.array(values, dtype="Int64")
+        elif field.kind == "float":
+            df[col] = pd.to_numeric(values, errors="coerce").astype("float64")
+        else:
+            df[col] = values.astype(field.pandas_dtype)
     return df
 
 
 def _fill_columns(runs: pd.DataFrame) -> pd.DataFrame:
     for col in RUN_COLUMNS:  # files written before a column existed
         if col not in runs.columns:
-            runs[col] = pd.Series(
-                pd.NA,
-                index=runs.index,
-                dtype="Int64" if col in ("key_version", "adapter_bytes") else "string",
-            )
+            dtype = FIELDS_BY_NAME[col].pandas_dtype
+            runs[col] = pd.Series(None, index=runs.index, dtype=dtype)
     return runs
+
+
+def _runs_table(runs: pd.DataFrame) -> Any:
+    """runs as a pyarrow Table with the run record's schema: every run column in its order
+    and type (then any column older code wrote, as it is), whatever the frame's dtypes."""
+    import pyarrow as pa
+
+    runs = _typed(_fill_columns(runs.copy()))
+    extra = [c for c in runs.columns if c not in FIELDS_BY_NAME]
+    runs = runs[RUN_COLUMNS + extra]
+    schema = arrow_schema(RUN_COLUMNS)
+    if extra:
+        inferred = pa.Schema.from_pandas(runs[extra], preserve_index=False)
+        schema = pa.schema([*schema, *(inferred.field(c) for c in extra)])
+    return pa.Table.from_pandas(runs, schema=schema, preserve_index=False)
 
 
 def _read_unlocked(out: Path) -> tuple[pd.DataFrame, list[tuple[Path, dict]]]:
@@ -337,8 +367,17 @@ def read_runs(out_dir: str | Path, *, write_nothing: bool = False) -> pd.DataFra
 
 
 def _compact_locked(out: Path, runs: pd.DataFrame, entries: list[tuple[Path, dict]]) -> None:
+    import pyarrow as pa
+
     try:
-        atomic_write_parquet(runs, out / RUNS_FILE)
+        table = _runs_table(runs)
+    except (pa.ArrowException, ValueError, TypeError) as err:  # e.g. an old row with no key
+        raise NotCompactedError(
+            f"could not rewrite {out / RUNS_FILE} with the run record's column types ({err}); "
+            f"{len(entries)} row(s) are kept in {out / JOURNAL_DIR} and the file is unchanged"
+        ) from err
+    try:
+        atomic_write_parquet(table, out / RUNS_FILE)
     except OSError as err:
         raise NotCompactedError(
             f"could not rewrite {out / RUNS_FILE} ({err.strerror or err}); "
@@ -377,12 +416,30 @@ def write_runs(out_dir: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
         return combined
 
 
+def check_rows(rows: list[Mapping[str, Any]]) -> list[dict]:
+    """Each row with every run column and plain values (harness.run_record.validate_row);
+    RowRefusedError, naming the row and the column, for the first that does not fit."""
+    checked = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            checked.append(validate_row(row))
+        except RunRecordError as err:
+            raise RowRefusedError(
+                f"row {number} of {len(rows)} (key {row.get('key')!r}) was refused: {err}; "
+                "no row was written"
+            ) from err
+    return checked
+
+
 def append_runs(out_dir: str | Path, rows: list[dict], *, compact: bool = True) -> pd.DataFrame:
     """Add rows; a key already present is replaced (a rerun of a failed trial).
 
     The rows are durable in the journal before anything else; with `compact` runs.parquet
-    is then rewritten with them (NotCompactedError if that fails: the rows are kept)."""
+    is then rewritten with them (NotCompactedError if that fails: the rows are kept). Every
+    row is first checked against the run record: if any is refused (RowRefusedError),
+    nothing at all is written."""
     out = Path(out_dir)
+    rows = check_rows(rows)
     with _locked(out, exclusive=True):
         try:
             _journal_write(out, rows)
@@ -412,7 +469,9 @@ class RunRecorder:
 
     Errors never stop the sweep: rows safe in the journal give one warning line; rows that
     could not be written anywhere (e.g. a full disk) are retried with the next trial and,
-    if still unsaved on close, printed as JSON lines to stderr so the log holds them."""
+    if still unsaved on close, printed as JSON lines to stderr so the log holds them. A row
+    the run record refuses (unknown column, wrong type) is never retried, so it cannot hold
+    up the rows after it: its error and the row as a JSON line are logged at once."""
 
     def __init__(
         self,
@@ -426,6 +485,7 @@ class RunRecorder:
         self.overhead = overhead
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.unsaved: list[dict] = []
+        self.refused: list[Mapping[str, Any]] = []  # rows that do not fit the run record
         self.last_compact = time.monotonic()
         self.last_cost = 0.0  # seconds the last rewrite took
 
@@ -435,7 +495,14 @@ class RunRecorder:
             wait = min(wait, self.last_cost / self.overhead)
         return time.monotonic() - self.last_compact >= wait
 
-    def record(self, row: dict) -> None:
+    def record(self, row: Mapping[str, Any]) -> None:
+        try:
+            row = validate_row(row)
+        except RunRecordError as err:
+            self.refused.append(row)
+            self.log(f"error: a trial's row was refused and not saved: {err}")
+            self.log("refused row: " + json.dumps(row, default=_json_default))
+            return
         rows = [*self.unsaved, row]
         due = self._due()
         started = time.monotonic()
@@ -453,7 +520,8 @@ class RunRecorder:
             self.last_cost = self.last_compact - started
 
     def close(self) -> bool:
-        """Save what is unsaved and compact; True if runs.parquet holds every row."""
+        """Save what is unsaved and compact; True if runs.parquet holds every row (False
+        too when a row was refused)."""
         if self.unsaved:
             rows, self.unsaved = self.unsaved, []
             for row in rows:
@@ -467,7 +535,7 @@ class RunRecorder:
             for row in self.unsaved:
                 self.log("unsaved row: " + json.dumps(row, default=_json_default))
             return False
-        return True
+        return not self.refused
 
 
 def _unique(series: pd.Series) -> str:

@@ -155,7 +155,7 @@ def test_distributed_trial_saves_its_adapter_and_reports_live(
     from peft import PeftModel
 
     from harness.cli import main
-    from tests.test_distributed import tiny_bert_folder
+    from tests.builders import tiny_bert_folder
 
     out = tmp_path / "out"
     config = tmp_path / "dist.yaml"

@@ -9,7 +9,7 @@ import torch
 import methods
 from harness.train import train_step
 from methods.altlora import active_factors, altlora_transform, project_a, project_b
-from tests.test_methods import LAYER, batch, ctx, tiny_bert
+from tests.builders import LAYER, batch, ctx, tiny_bert
 
 RANK, LR, WD, BETA1, REG = 4, 0.05, 0.01, 0.9, 1e-3
 HEAD_BETAS, HEAD_EPS = (0.9, 0.999), 1e-8
@@ -249,7 +249,7 @@ def test_the_inactive_factor_does_not_move_and_joint_mode_moves_both():
 
 def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
     from harness.config import _zero_unsupported, validate_config
-    from tests.test_distributed import _cfg
+    from tests.builders import sweep_config
 
     method = methods.get_method("altlora")
     hp = method.hyperparams({})
@@ -262,14 +262,16 @@ def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
     layer = model.base_model.model.get_submodule(LAYER)
     assert not layer.lora_B["default"].weight.any() and layer.scaling["default"] == 16.0 / RANK
     assert _zero_unsupported(method, hp) is None  # a gradient transform: ZeRO-capable
-    assert validate_config(_cfg(distributed={"workers": 2}, methods={"altlora": {"lrs": [1e-3]}}))
+    assert validate_config(
+        sweep_config(distributed={"workers": 2}, methods={"altlora": {"lrs": [1e-3]}})
+    )
 
 
 def test_single_cpu_minilm_trial_gives_an_ok_row_with_passing_checks(mirror_dir):
     from harness.trial import run_trial
-    from tests.test_trial import spec
+    from tests.builders import trial_spec
 
-    trial = spec(mirror_dir, method="altlora", max_steps=4).model_copy(
+    trial = trial_spec(mirror_dir, method="altlora", max_steps=4).model_copy(
         update={"method_overrides": {"alternate_every": 2}}
     )  # steps: 1 both, 2-3 A, 4 B
     row = run_trial(trial)

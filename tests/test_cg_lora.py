@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import transformers
 from peft import PeftModel
 from pydantic import ValidationError
 from torch import nn
@@ -32,7 +31,18 @@ from methods.kfac import (
     randomized_eigh,
 )
 from methods.peft_lora import matching_linear_layers
-from tests.test_methods import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
+from tests.builders import (
+    HEAD,
+    LAYER,
+    TARGETS,
+    batch,
+    lm_batch,
+    logits,
+    reference_init,
+    rel,
+    tiny_bert,
+    tiny_llama,
+)
 
 INIT = [batch(30, n=8, length=6), batch(31, n=8, length=6), batch(32, n=8, length=6)]
 
@@ -50,33 +60,6 @@ def ctx(batches=INIT, batch_size=8) -> methods.PrepareContext:
 def cg(overrides=None):
     method = methods.get_method("cg_lora")
     return method, method.hyperparams({"rank": 4, "init_batches": 3, **(overrides or {})})
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def psd_power(f: np.ndarray, power: float, rtol: float = 1e-6) -> np.ndarray:
-    """F^power on the eigenvalues above rtol * max (pseudo-inverse powers), numpy."""
-    w, v = np.linalg.eigh(f)
-    keep = w > rtol * w.max()
-    return (v[:, keep] * w[keep] ** power) @ v[:, keep].T
-
-
-def projector(m: np.ndarray) -> np.ndarray:
-    return m @ np.linalg.pinv(m)
-
-
-def reference_init(a_in, s, g, rank, rtol=1e-6):
-    """Dense reference of steps 4-6: the projection of -G onto the whitened modes' span."""
-    s_half, a_half = psd_power(s, -0.5, rtol), psd_power(a_in, -0.5, rtol)
-    whitened = s_half @ g @ a_half
-    p, d, qh = np.linalg.svd(whitened)
-    b_hat = s_half @ p[:, :rank]
-    a_hat = qh[:rank] @ a_half
-    product = projector(b_hat) @ (-g) @ projector(a_hat.T)
-    return whitened, b_hat, a_hat, product
 
 
 def exact_space(f: np.ndarray) -> Eigenspace:
@@ -467,24 +450,6 @@ def test_weighted_batches_scale_their_share_of_both_init_estimators():
         expected = parts[0] + 2.5 * parts[1]
         assert rel(estimate([INIT[0], weighted]).double(), expected) < 1e-5
         assert rel(parts[0] + parts[1], expected) > 0.1  # the weight matters here
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        vocab_size=100, num_key_value_heads=2, head_dim=8,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def lm_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (3, 6), generator=g)
-    mask = torch.ones(3, 6, dtype=torch.long)
-    mask[0, 4:] = 0  # right padding
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def test_token_level_lm_curvature_is_label_free_but_respects_ignored_tokens():

@@ -21,8 +21,7 @@ import methods.kfac as kfac
 from methods.kfac import DEGENERATE_POOLING_RATIO, collect_kfac, degenerate_factors
 from methods.peft_lora import matching_linear_layers
 from methods.targets import default_target_modules
-from tests.test_cg_lora import lm_batch, reference_init, rel, tiny_llama
-from tests.test_methods import tiny_bert
+from tests.builders import lm_batch, reference_init, rel, tiny_bert, tiny_llama
 
 
 def tiny_vit() -> transformers.ViTForImageClassification:

@@ -18,7 +18,7 @@ from methods import lora_xs
 from methods.grad_estimator import layer_gradients
 from methods.lora_one import lora_one_factors
 from methods.peft_lora import matching_linear_layers
-from tests.test_methods import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
+from tests.builders import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
 
 INIT = [batch(20), batch(21), batch(22)]
 LR = 1e-3

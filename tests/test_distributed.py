@@ -3,9 +3,7 @@ trials through Ray Train over gloo, and the cluster storage rule."""
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -18,24 +16,8 @@ from harness.config import ConfigError, DistributedConfig, expand, load_config, 
 from harness.deepspeed_config import BatchError, BatchPlan, batch_plan, render
 from harness.distributed import check_storage, derived_max_concurrent, is_shared_storage
 from harness.memory_estimate import estimate, meta_model
-from tests.conftest import MINILM, REPO, with_identity
-
-GOOD = {
-    "name": "t",
-    "model": {"id": MINILM},
-    "tasks": ["glue/sst2"],
-    "methods": {"lora": {"lrs": [1e-3]}},
-    "seeds": [0],
-    "budget": {"max_steps": 2, "batch_size": 8, "max_length": 16},
-    "output_dir": "unused",
-}
-
-
-def _cfg(**top):
-    raw = copy.deepcopy(GOOD)
-    raw.update(top)
-    return raw
-
+from tests.builders import sweep_config, tiny_bert_folder
+from tests.conftest import REPO, with_identity
 
 # ---------------------------------------------------------------- (a) DeepSpeed configs
 
@@ -117,25 +99,25 @@ def test_zero2_config_and_fp32_on_cpu():
 )  # fmt: skip
 def test_distributed_section_is_validated_before_ray_starts(changes, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(_cfg(**changes))
+        validate_config(sweep_config(**changes))
 
 
 def test_valid_distributed_and_smoke_configs():
     # LoRA-One's preconditioned optimizers run under ZeRO (tests/test_zero_gradients.py).
     precond = {"lora_one": {"lrs": [1e-3], "overrides": {"optimizer": "precond_sgd"}}}
-    assert validate_config(_cfg(distributed={"workers": 2}, methods=precond))
-    cfg = validate_config(_cfg(distributed={"workers": 2, "micro_batch_size": 2}))
+    assert validate_config(sweep_config(distributed={"workers": 2}, methods=precond))
+    cfg = validate_config(sweep_config(distributed={"workers": 2, "micro_batch_size": 2}))
     (spec,) = expand(cfg)
     assert spec.distributed.world_size == 2 and spec.distributed.enabled
-    smoke = validate_config(_cfg(resources={"gpus_per_trial": 0.25, "smoke": True}))
+    smoke = validate_config(sweep_config(resources={"gpus_per_trial": 0.25, "smoke": True}))
     assert expand(smoke)[0].smoke
     # A distributed section on one GPU keeps the single-device path.
     single = validate_config(
-        _cfg(distributed={"gpus_per_trial": 1}, resources={"gpus_per_trial": 1})
+        sweep_config(distributed={"gpus_per_trial": 1}, resources={"gpus_per_trial": 1})
     )
     assert expand(single)[0].distributed is None
     with pytest.raises(ConfigError, match="takes the single-device path"):
-        validate_config(_cfg(distributed={"gpus_per_trial": 1}))  # no GPU reserved
+        validate_config(sweep_config(distributed={"gpus_per_trial": 1}))  # no GPU reserved
 
 
 @pytest.mark.parametrize("name", ["glue-minilm-long", "glue-minilm-main"])
@@ -162,17 +144,17 @@ def test_committed_results_keep_their_keys(mirror_dir, name):
 
 def test_distributed_settings_that_change_numbers_enter_the_key_and_others_do_not():
     def key(**dist):
-        cfg = validate_config(_cfg(distributed={"workers": 2, **dist}))
+        cfg = validate_config(sweep_config(distributed={"workers": 2, **dist}))
         return with_identity(expand(cfg))[0].key()
 
-    plain = with_identity(expand(validate_config(_cfg())))[0].key()
+    plain = with_identity(expand(validate_config(sweep_config())))[0].key()
     base = key()
     assert base != plain
     assert key(zero_stage=2) != base and key(micro_batch_size=2) != base
     assert key(cpus_per_worker=4, max_failures=3, checkpoint_every_steps=10) == base
     assert (
         with_identity(
-            expand(validate_config(_cfg(resources={"gpus_per_trial": 0.5, "smoke": True})))
+            expand(validate_config(sweep_config(resources={"gpus_per_trial": 0.5, "smoke": True})))
         )[0].key()
         != plain
     )  # smoke rows never stand in for real ones
@@ -366,24 +348,6 @@ def test_load_dtype_follows_training_precision_unless_set():
 # ---------------------------------------------------------------- (c) 2 workers, ZeRO-3, gloo
 
 
-def tiny_bert_folder(dest: Path) -> Path:
-    """A 2-layer random BERT (hidden 32) with MiniLM's tokenizer, saved as a model folder."""
-    from transformers import BertConfig, BertModel
-
-    from harness.models import resolve_model
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(dest)  # no classifier: the task head is new, as usual
-    tokenizer = Path(resolve_model(MINILM, None, None).location)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tokenizer / name, dest / name)
-    return dest
-
-
 def _sweep_file(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> Path:
     config = tmp_path / "sweep.yaml"
     config.write_text(
@@ -470,78 +434,6 @@ def test_two_worker_zero3_trials_train_and_start_identically(tmp_path, mirror_di
 
 
 @pytest.mark.slow
-def test_every_other_method_trains_under_zero3(tmp_path, mirror_dir):
-    """The methods the tests above do not cover, under ZeRO-3 on 2 gloo workers with
-    gradient checkpointing (the DeepSpeed default): identical inits on both ranks, the
-    init and merge checks pass, the trainable count is the closed form, the loss falls."""
-    pytest.importorskip("deepspeed")
-    from harness.cli import main
-
-    lora = {"rank": 4, "alpha": 8}
-    methods = {
-        "full_ft": {"lrs": [1e-3], "overrides": {}},
-        "rslora": {"lrs": [1e-2], "overrides": lora},
-        "lora_plus": {"lrs": [1e-2], "overrides": lora},  # two param groups under ZeRO
-        "pissa": {"lrs": [1e-2], "overrides": lora},  # rewrites base weights before ZeRO
-        "dora": {"lrs": [1e-2], "overrides": lora},
-        # Every linear of the block (the pre-official default targets): with only the
-        # official GLUE four, this few-step budget does not clear the loss-fall check below,
-        # which tests ZeRO-3 mechanics; the official targets are tested in test_methods.
-        "lora_sb": {
-            "lrs": [1e-2],
-            "overrides": {"rank": 4, "init_batches": 1, "target_modules": [
-                "query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense",
-            ]},
-        },
-        "cg_lora": {"lrs": [1e-2], "overrides": {**lora, "init_batches": 1}},
-    }
-    config = _sweep_file(tmp_path, mirror_dir, methods)
-    assert main(["sweep", str(config)]) == 0
-    runs = pd.read_parquet(tmp_path / "out" / "runs.parquet").set_index("method")
-    assert set(runs.index) == set(methods)
-    assert (runs["status"] == "ok").all(), runs[["error"]].to_dict()
-    for method, row in runs.iterrows():
-        dist = json.loads(row["distributed"])
-        assert dist["zero_stage"] == 3 and dist["gradient_checkpointing"], method
-        assert dist["init_identical"] and len(dist["init_digests"]) == 2, method
-        assert row["trainable_params"] == row["expected_trainable_params"], method
-        assert row["sanity_init"].startswith(("identity", "offset")), method
-        expected_merge = "not mergeable" if method == "full_ft" else "merged == unmerged"
-        assert row["sanity_merge"].startswith(expected_merge), (method, row["sanity_merge"])
-        losses = [loss for _, loss in json.loads(row["loss_curve"])]
-        assert sum(losses[-3:]) / 3 < losses[0] - 0.05, (method, losses)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_sds_lora_schedule_runs_under_zero_through_param_access(tmp_path, mirror_dir, zero_stage):
-    """SDS-LoRA's warm-up reparameterisation (parameters rewritten, optimizer state reset)
-    and basis refreshes run under ZeRO through ZeroParamAccess: the probe outputs are kept by
-    the reparameterisation (checked in the trial), every rank ends with the same bases, and
-    the trained adapter merges to the same function."""
-    pytest.importorskip("deepspeed")
-    from harness.cli import main
-    from methods.sds_lora import refresh_steps
-
-    overrides = {"rank": 4, "alpha": 8, "warmup_steps": 3, "refresh_phases": 5}
-    methods = {"sds_lora": {"lrs": [1e-2], "overrides": overrides}}
-    config = _sweep_file(tmp_path, mirror_dir, methods, zero_stage=zero_stage)
-    assert main(["sweep", str(config)]) == 0
-    row = pd.read_parquet(tmp_path / "out" / "runs.parquet").iloc[0]
-    assert row["status"] == "ok", (row["error"], row["traceback"])
-    dist = json.loads(row["distributed"])
-    assert dist["zero_stage"] == zero_stage and dist["init_identical"]
-    expected = [[3, "reparameterize"]] + [[t, "refresh"] for t in refresh_steps(10, 5, 3)]
-    assert dist["callback_events"] == expected
-    assert len(dist["buffer_digests"]) == 2 and len(set(dist["buffer_digests"])) == 1
-    assert row["sanity_callbacks"].startswith("SdsSchedule step 3: function kept")
-    assert row["sanity_merge"].startswith("merged == unmerged")
-    losses = [loss for _, loss in json.loads(row["loss_curve"])]
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
-
-
-@pytest.mark.slow
 def test_a_failed_worker_group_restarts_from_its_deepspeed_checkpoint(
     tmp_path, mirror_dir, monkeypatch
 ):
@@ -590,7 +482,7 @@ def test_sweep_on_a_two_node_cluster_with_local_storage_stops_before_any_trial(
     monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(_cfg(output_dir=str(tmp_path / "out"))))
+    config.write_text(yaml.safe_dump(sweep_config(output_dir=str(tmp_path / "out"))))
     assert main(["sweep", str(config)]) == 2
     err = capsys.readouterr().err
     assert "has 2 nodes but the storage path" in err and "s3://" in err

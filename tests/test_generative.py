@@ -5,24 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from harness.generate import greedy_generate
 from harness.pipelines import pad_causal_batch
 from tasks.generative import IGNORE_INDEX, GenerativeTask
-
-WORDS = ["<pad>", "<eos>", "<bos>", "Q:", "A:", "what", "is", "two", "plus", "three", "five"]
-WORDS += [f"w{i}" for i in range(20)]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+from tests.builders import WORDS, word_llama, word_tokenizer
 
 
 class ToyQA(GenerativeTask):
@@ -42,16 +29,6 @@ class ToyQA(GenerativeTask):
 
 
 ROWS = pd.DataFrame({"q": ["what is two plus three", "w1 w2"], "a": ["five", "w3 w4 w5"]})
-
-
-def tiny_llama(vocab: int = len(WORDS)) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
 
 
 def test_labels_mask_the_prompt_and_end_in_eos():
@@ -93,7 +70,7 @@ def test_padding_is_masked_in_attention_and_loss():
     assert (batch["attention_mask"][short, n:] == 0).all()
     assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
     # The loss equals the mean token cross-entropy over the answer tokens only.
-    model = tiny_llama()
+    model = word_llama()
     out = model(**batch)
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
@@ -102,7 +79,7 @@ def test_padding_is_masked_in_attention_and_loss():
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time():
-    tok, model = word_tokenizer(), tiny_llama()
+    tok, model = word_tokenizer(), word_llama()
     prompts = [[3, 5, 6, 7, 8, 9, 4], [3, 12, 4], [3, 13, 14, 15, 4]]
     batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
@@ -130,7 +107,7 @@ def test_target_token_count_is_the_causal_lm_loss_denominator():
     from harness.pipelines import pad_causal_batch, target_tokens_in
     from tasks.generative import IGNORE_INDEX
 
-    model = tiny_llama().eval()
+    model = word_llama().eval()
     g = torch.Generator().manual_seed(0)
     rows = []
     for prompt, answer in [(3, 1), (2, 7), (4, 2), (1, 5)]:

@@ -180,3 +180,50 @@ def test_the_scanner_sees_function_level_imports_and_private_uses(tmp_path):
     graph = {info.name: info for info in (scan(p, known, tmp_path) for p in paths)}
     assert cycles(internal_edges(graph)) == [["pkg.a", "pkg.b"]]
     assert sorted(graph["pkg.b"].private_uses) == ["7: pkg.a._helper", "7: pkg.a._helper"]
+
+
+def test_no_test_module_imports_from_another_test_module():
+    # What two test modules share lives in tests/builders.py or tests/conftest.py: importing
+    # a test module runs (and couples to) all of its module-level setup.
+    def is_test_module(name: str) -> bool:
+        parts = name.split(".")
+        return len(parts) > 1 and parts[0] == "tests" and parts[1].startswith("test_")
+
+    def test_module_imports(source: str, filename: str) -> list[str]:
+        found = set()
+        for node in ast.walk(ast.parse(source, filename=filename)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # Relative imports start from the tests package, where every file here lives.
+                base = ".".join(filter(None, ["tests" if node.level else "", node.module]))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {f"{filename}:{node.lineno}: {n}" for n in names if is_test_module(n)}
+        return sorted(found)
+
+    # The check sees every spelling of such an import, at module level and inside functions.
+    for caught in (
+        "from tests.test_x import a",
+        "import tests.test_x",
+        "import tests.test_x as y",
+        "from tests import test_x",
+        "from .test_x import a",
+        "from . import test_x",
+        "def f():\n    from tests.test_x import a",
+    ):
+        assert test_module_imports(caught, "probe.py"), caught
+    for allowed in (
+        "from tests.builders import test_x",
+        "from tests import conftest",
+        "import tests",
+    ):
+        assert test_module_imports(allowed, "probe.py") == [], allowed
+
+    wrong = [
+        use
+        for path in sorted((REPO / "tests").glob("*.py"))
+        for use in test_module_imports(path.read_text(), f"tests/{path.name}")
+    ]
+    assert wrong == []

@@ -12,7 +12,7 @@ import torch
 import methods
 from harness.train import train_step
 from methods import lora_pro
-from tests.test_methods import LAYER, batch, ctx, tiny_bert
+from tests.builders import LAYER, batch, ctx, tiny_bert
 
 RANK = 4
 LR, WD = 0.01, 0.1
@@ -276,24 +276,26 @@ def test_defaults_scaling_and_variants():
 
 def test_zero_refuses_full_momentum_with_the_reason_and_accepts_the_transform():
     from harness.config import ConfigError, _zero_unsupported, validate_config
-    from tests.test_distributed import _cfg
+    from tests.builders import sweep_config
 
     method = methods.get_method("lora_pro")
     reason = _zero_unsupported(method, method.hyperparams({}))
     assert reason and "flat partitions" in reason and "full_momentum: false" in reason
     assert _zero_unsupported(method, method.hyperparams({"full_momentum": False})) is None
     with pytest.raises(ConfigError, match="lora_pro: not supported under DeepSpeed ZeRO"):
-        validate_config(_cfg(distributed={"workers": 2}, methods={"lora_pro": {"lrs": [1e-3]}}))
+        validate_config(
+            sweep_config(distributed={"workers": 2}, methods={"lora_pro": {"lrs": [1e-3]}})
+        )
     sds = {"lora_pro": {"lrs": [1e-3], "overrides": {"full_momentum": False}}}
-    assert validate_config(_cfg(distributed={"workers": 2}, methods=sds))
+    assert validate_config(sweep_config(distributed={"workers": 2}, methods=sds))
 
 
 @pytest.mark.parametrize("full_momentum", [True, False])
 def test_single_cpu_trial_gives_an_ok_row_with_passing_checks(mirror_dir, full_momentum):
     from harness.trial import run_trial
-    from tests.test_trial import spec
+    from tests.builders import trial_spec
 
-    trial = spec(mirror_dir, method="lora_pro").model_copy(
+    trial = trial_spec(mirror_dir, method="lora_pro").model_copy(
         update={"method_overrides": {"full_momentum": full_momentum}}
     )
     row = run_trial(trial)

@@ -11,7 +11,7 @@ import torch
 
 import methods
 from methods import lora_xs
-from tests.test_methods import LAYER, TARGETS, batch, ctx, logits, tiny_bert
+from tests.builders import LAYER, TARGETS, batch, ctx, logits, tiny_bert
 
 RANK = 4
 
@@ -133,19 +133,21 @@ def test_zero_path_accepts_them_by_the_existing_contract(name):
     """No training callbacks (lora_xs: a plug-in adapter like LoRA-SB's; scaled_adamw: a
     gradient transform, applied to assembled gradients under ZeRO), so validation passes."""
     from harness.config import _zero_unsupported, validate_config
-    from tests.test_distributed import _cfg
+    from tests.builders import sweep_config
 
     method = methods.get_method(name)
     assert _zero_unsupported(method, method.hyperparams({})) is None
-    assert validate_config(_cfg(distributed={"workers": 2}, methods={name: {"lrs": [1e-3]}}))
+    assert validate_config(
+        sweep_config(distributed={"workers": 2}, methods={name: {"lrs": [1e-3]}})
+    )
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_single_cpu_trial_gives_an_ok_row_with_passing_checks(mirror_dir, name):
     from harness.trial import run_trial
-    from tests.test_trial import spec
+    from tests.builders import trial_spec
 
-    row = run_trial(spec(mirror_dir, method=name))
+    row = run_trial(trial_spec(mirror_dir, method=name))
     assert row["status"] == "ok", row.get("traceback")
     assert row["method"] == name and row["steps"] == 2
     assert row["trainable_params"] == row["expected_trainable_params"] < row["total_params"]

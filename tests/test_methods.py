@@ -13,48 +13,13 @@ import torch
 import transformers
 from pydantic import ValidationError
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 import methods
 from methods.peft_lora import matching_linear_layers
 from methods.targets import DEFAULT_TARGET_MODULES, default_target_modules
+from tests.builders import HEAD, INIT_BATCHES, LAYER, TARGETS, ctx, logits, tiny_bert
 
 RANK = 4
-HEAD = ["classifier"]
-TARGETS = default_target_modules("bert")
-LAYER = "bert.encoder.layer.0.attention.self.query"
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=32, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return BertForSequenceClassification(config).eval()
-
-
-def batch(seed: int, n: int = 2, length: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(1, 100, (n, length), generator=g),
-        "attention_mask": torch.ones(n, length, dtype=torch.long),
-        "labels": torch.randint(0, 3, (n,), generator=g),
-    }
-
-
-INIT_BATCHES = [batch(10), batch(11)]
-
-
-def ctx() -> methods.PrepareContext:
-    return methods.PrepareContext(
-        head_modules=HEAD,
-        default_target_modules=TARGETS,
-        # Cycled, as the harness's loader: 8 single-example init batches need 4 of these.
-        init_batches=lambda n: itertools.islice(itertools.cycle(INIT_BATCHES), n),
-        learning_rate=1e-3,
-    )
 
 
 def prepare(name: str, **overrides):
@@ -64,12 +29,6 @@ def prepare(name: str, **overrides):
     expected = method.expected_trainable_params(base, hp, ctx())
     model = method.prepare(copy.deepcopy(base), hp, ctx()).eval()
     return base, model, method, hp, expected
-
-
-def logits(model, b=None) -> torch.Tensor:
-    b = b or batch(99, n=3, length=6)
-    with torch.no_grad():
-        return model(**{k: v for k, v in b.items() if k != "labels"}).logits
 
 
 def lora_layer(model, name: str = LAYER):

@@ -17,47 +17,17 @@ from harness.results import (
     read_runs,
     write_leaderboard,
 )
-
-
-def _run(method, lr, seed, select, test, status="ok", task="glue/sst2"):
-    return {
-        "key": f"{method}-{task}-{lr}-{seed}",
-        "status": status,
-        "method": method,
-        "task": task,
-        "model_id": "m",
-        "lr": lr,
-        "seed": seed,
-        "selection_metric": "accuracy",
-        "selection_score": select,
-        "test_metric": "accuracy",
-        "test_score": test,
-        "test_metrics": json.dumps({"accuracy": test}),
-        "majority_baseline": 0.5,
-        "trainable_params": 10,
-        "init_time_s": 0.1,
-        "train_time_s": 1.0,
-        "peak_memory_mb": 100.0,
-        "samples_per_s": 50.0,
-        "protocol": "p",
-        "git_commit": "abc",
-        "packages": "{}",
-        "device": "cpu",
-        "data_kind": "mirror",
-        "data_source": "{}",
-        "model_revision": "r",
-        "method_config": "{}",
-    }
+from tests.builders import result_row
 
 
 def test_lr_is_chosen_by_selection_mean_not_by_test():
     runs = pd.DataFrame(
         [
             # lr 1e-3: better on selection, worse on test -> must be chosen anyway.
-            _run("lora", 1e-3, 0, 0.90, 0.70),
-            _run("lora", 1e-3, 1, 0.88, 0.72),
-            _run("lora", 1e-4, 0, 0.80, 0.95),
-            _run("lora", 1e-4, 1, 0.82, 0.96),
+            result_row("lora", 1e-3, 0, 0.90, 0.70),
+            result_row("lora", 1e-3, 1, 0.88, 0.72),
+            result_row("lora", 1e-4, 0, 0.80, 0.95),
+            result_row("lora", 1e-4, 1, 0.82, 0.96),
         ]
     )
     board = build_leaderboard(runs)
@@ -73,10 +43,10 @@ def test_lr_is_chosen_by_selection_mean_not_by_test():
 def test_failed_or_diverged_seed_makes_its_lr_ineligible():
     runs = pd.DataFrame(
         [
-            _run("lora", 1e-2, 0, 0.99, 0.99),
-            _run("lora", 1e-2, 1, float("nan"), float("nan"), status="diverged"),
-            _run("lora", 1e-3, 0, 0.80, 0.81),
-            _run("lora", 1e-3, 1, 0.82, 0.83),
+            result_row("lora", 1e-2, 0, 0.99, 0.99),
+            result_row("lora", 1e-2, 1, float("nan"), float("nan"), status="diverged"),
+            result_row("lora", 1e-3, 0, 0.80, 0.81),
+            result_row("lora", 1e-3, 1, 0.82, 0.83),
         ]
     )
     row = build_leaderboard(runs).iloc[0]
@@ -86,14 +56,16 @@ def test_failed_or_diverged_seed_makes_its_lr_ineligible():
 
 
 def test_all_failed_gives_a_row_without_scores():
-    runs = pd.DataFrame([_run("dora", 1e-3, 0, None, None, status="failed")])
+    runs = pd.DataFrame([result_row("dora", 1e-3, 0, None, None, status="failed")])
     row = build_leaderboard(runs).iloc[0]
     assert row["n_seeds"] == 0 and row["n_failed"] == 1 and pd.isna(row["test_mean"])
 
 
 def test_append_replaces_same_key_and_writes_atomically(tmp_path: Path):
-    append_runs(tmp_path, [_run("lora", 1e-3, 0, 0.5, 0.5, status="failed")])
-    append_runs(tmp_path, [_run("lora", 1e-3, 0, 0.9, 0.8), _run("lora", 1e-3, 1, 0.7, 0.6)])
+    append_runs(tmp_path, [result_row("lora", 1e-3, 0, 0.5, 0.5, status="failed")])
+    append_runs(
+        tmp_path, [result_row("lora", 1e-3, 0, 0.9, 0.8), result_row("lora", 1e-3, 1, 0.7, 0.6)]
+    )
     runs = read_runs(tmp_path)
     assert len(runs) == 2 and set(runs["status"]) == {"ok"}
     assert list(runs.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
@@ -108,8 +80,8 @@ def test_an_lr_missing_a_seed_cannot_win_on_a_noisier_mean():
     """An LR added later (or interrupted) with fewer seeds is not eligible until it has
     every seed the (method, task) was run with."""
     runs = pd.DataFrame(
-        [_run("lora", 1e-4, s, 0.80, 0.80) for s in (0, 1, 2)]
-        + [_run("lora", 1e-3, 0, 0.81, 0.70)]
+        [result_row("lora", 1e-4, s, 0.80, 0.80) for s in (0, 1, 2)]
+        + [result_row("lora", 1e-3, 0, 0.81, 0.70)]
     )
     row = build_leaderboard(runs).iloc[0]
     assert row["chosen_lr"] == 1e-4 and row["n_seeds"] == 3
@@ -122,12 +94,12 @@ def test_a_nan_score_makes_its_lr_ineligible():
     nan = float("nan")
     runs = pd.DataFrame(
         [
-            _run("lora", 1e-3, 0, 0.9, 0.7),
-            _run("lora", 1e-3, 1, nan, 0.1),
-            _run("lora", 1e-3, 2, 0.9, 0.7),
-            _run("lora", 1e-4, 0, 0.8, 0.8),
-            _run("lora", 1e-4, 1, 0.8, 0.8),
-            _run("lora", 1e-4, 2, 0.8, nan),
+            result_row("lora", 1e-3, 0, 0.9, 0.7),
+            result_row("lora", 1e-3, 1, nan, 0.1),
+            result_row("lora", 1e-3, 2, 0.9, 0.7),
+            result_row("lora", 1e-4, 0, 0.8, 0.8),
+            result_row("lora", 1e-4, 1, 0.8, 0.8),
+            result_row("lora", 1e-4, 2, 0.8, nan),
         ]
     )
     row = build_leaderboard(runs).iloc[0]

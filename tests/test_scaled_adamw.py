@@ -9,7 +9,7 @@ import torch
 
 import methods
 from harness.train import train_step
-from tests.test_methods import LAYER, batch, ctx, tiny_bert
+from tests.builders import LAYER, batch, ctx, tiny_bert
 
 RANK = 4
 LR, WD, DAMPING = 0.02, 0.01, 0.05

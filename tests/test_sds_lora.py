@@ -17,7 +17,7 @@ import methods
 import methods.sds_lora as sds
 from harness.train import train, train_step
 from methods.peft_lora import matching_linear_layers
-from tests.test_methods import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
+from tests.builders import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
 
 RANK = 4
 FFN = "bert.encoder.layer.1.intermediate.dense"  # (64, 32): a non-square layer

@@ -14,8 +14,7 @@ from harness.generate import greedy_generate
 from harness.pipelines import make_loader
 from harness.sharding import Shard
 from harness.train import predict
-from tests.test_generative import tiny_llama, word_tokenizer
-from tests.test_methods import tiny_bert
+from tests.builders import tiny_bert, word_llama, word_tokenizer
 
 N_ITEMS, BATCH = 5, 2  # shards of 3 and 2 items: 2 and 1 calls, so one dummy call under sync
 
@@ -55,7 +54,7 @@ def _rank(rank: int, world: int, init_file: str, out: str, synced: bool) -> None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         shard = Shard(rank, world, synced=synced)
-        bert, llama, tok = tiny_bert(), tiny_llama(), word_tokenizer()
+        bert, llama, tok = tiny_bert(), word_llama(), word_tokenizer()
         calls = []
 
         def counted(part):
@@ -75,7 +74,7 @@ def test_two_ranks_evaluate_shards_and_gather_what_one_process_computes(synced):
         mp.spawn(_rank, args=(2, f"{tmp}/rendezvous", tmp, synced), nprocs=2, join=True)
         results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in (0, 1)]
     expected_logits = _logits(tiny_bert(), _rows())
-    expected_texts = _generate(tiny_llama(), word_tokenizer(), _prompts(), synced=False)
+    expected_texts = _generate(word_llama(), word_tokenizer(), _prompts(), synced=False)
     for result in results:  # every rank ends with every item, in the original order
         np.testing.assert_allclose(result["logits"], expected_logits, rtol=1e-5, atol=1e-6)
         assert result["texts"] == expected_texts

@@ -11,7 +11,7 @@ from scipy import stats
 
 from harness.results import build_leaderboard
 from harness.stats import ci95, paired_bootstrap
-from tests.test_results import _run
+from tests.builders import result_row
 
 
 def accuracy(pred, labels):
@@ -74,11 +74,11 @@ def test_leaderboard_flags_the_paired_difference_with_lora():
     rows = []
     for seed in (0, 1):
         # dora is right on every item; lora on half; full_ft flips one item of lora's.
-        rows.append(_with_items(_run("dora", 1e-3, seed, 0.9, 1.0), labels, labels))
-        rows.append(_with_items(_run("lora", 1e-3, seed, 0.9, 0.5), np.zeros(100), labels))
+        rows.append(_with_items(result_row("dora", 1e-3, seed, 0.9, 1.0), labels, labels))
+        rows.append(_with_items(result_row("lora", 1e-3, seed, 0.9, 0.5), np.zeros(100), labels))
         near = np.zeros(100)
         near[1] = 1
-        rows.append(_with_items(_run("full_ft", 1e-5, seed, 0.9, 0.51), near, labels))
+        rows.append(_with_items(result_row("full_ft", 1e-5, seed, 0.9, 0.51), near, labels))
     board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
     assert board.loc["dora", "vs_lora_delta"] == pytest.approx(0.5)
     assert not board.loc["dora", "vs_lora_within_noise"]
@@ -94,8 +94,8 @@ def test_no_comparison_with_lora_run_under_another_setting():
     labels = np.array([0, 1] * 50)
     rows = []
     for seed in (0, 1):
-        rows.append(_with_items(_run("dora", 1e-3, seed, 0.9, 1.0), labels, labels))
-        lora = _with_items(_run("lora", 1e-3, seed, 0.9, 0.5), np.zeros(100), labels)
+        rows.append(_with_items(result_row("dora", 1e-3, seed, 0.9, 1.0), labels, labels))
+        lora = _with_items(result_row("lora", 1e-3, seed, 0.9, 0.5), np.zeros(100), labels)
         lora["model_id"] = "another-model"
         rows.append(lora)
     board = build_leaderboard(pd.DataFrame(rows)).set_index("method")

@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 
 import methods
-from harness.config import Budget, EvalConfig, TrialSpec
 from harness.trial import run_trial
-from tests.conftest import MINILM
-
-
-def spec(data_dir: str, method: str = "lora", **budget) -> TrialSpec:
-    return TrialSpec(
-        sweep="t", method=method, method_overrides={}, task="glue/sst2", lr=1e-3, seed=0,
-        model_id=MINILM, model_revision=None,
-        budget=Budget(**{"max_steps": 2, "batch_size": 4, "max_length": 16, "train_rows": 16,
-                         "selection_rows": 8, "test_rows": 8, **budget}),
-        eval=EvalConfig(batch_size=8), data_dir=data_dir, model_dir=None,
-    )  # fmt: skip
+from tests.builders import trial_spec
 
 
 def test_missing_data_is_a_failed_row_with_the_reason(tmp_path):
-    row = run_trial(spec(str(tmp_path)))
+    row = run_trial(trial_spec(str(tmp_path)))
     assert row["status"] == "failed"
     assert "FileNotFoundError" in row["error"] and "train.parquet" in row["error"]
     assert row["key"] and row["method"] == "lora" and row["git_commit"]
@@ -30,12 +19,12 @@ def test_missing_data_is_a_failed_row_with_the_reason(tmp_path):
 def test_trainable_count_sanity_check_fails_the_run(mirror_dir, monkeypatch):
     lora = type(methods.get_method("lora"))
     monkeypatch.setattr(lora, "expected_trainable_params", lambda self, m, hp, ctx: 1)
-    row = run_trial(spec(mirror_dir))
+    row = run_trial(trial_spec(mirror_dir))
     assert row["status"] == "failed" and "sanity check" in row["error"]
 
 
 def test_ok_row_has_costs_and_both_metric_sets(mirror_dir):
-    row = run_trial(spec(mirror_dir))
+    row = run_trial(trial_spec(mirror_dir))
     assert row["status"] == "ok", row.get("traceback")
     assert row["steps"] == 2 and row["train_rows"] == 16 and row["selection_rows"] == 8
     assert 0 <= row["selection_score"] <= 1 and 0 <= row["test_score"] <= 1
@@ -48,7 +37,7 @@ def test_ok_row_has_costs_and_both_metric_sets(mirror_dir):
 
 @pytest.mark.parametrize("method", ["lora", "pissa", "lora_one", "full_ft"])
 def test_ok_rows_record_passed_init_and_merge_checks(mirror_dir, method):
-    row = run_trial(spec(mirror_dir, method=method))
+    row = run_trial(trial_spec(mirror_dir, method=method))
     assert row["status"] == "ok", row.get("traceback")
     starts_at_base = methods.get_method(method).starts_at_base(
         methods.get_method(method).hyperparams({})
@@ -64,7 +53,7 @@ def test_an_init_that_breaks_the_identity_promise_fails_the_run(mirror_dir, monk
     # Pretend LoRA-One (which starts off the base function) promised identity.
     lora_one = type(methods.get_method("lora_one"))
     monkeypatch.setattr(lora_one, "starts_at_base", lambda self, hp: True)
-    row = run_trial(spec(mirror_dir, method="lora_one"))
+    row = run_trial(trial_spec(mirror_dir, method="lora_one"))
     assert row["status"] == "failed"
     assert "promises to start at the base function" in row["error"]
 
@@ -73,7 +62,7 @@ def test_an_init_that_was_never_applied_fails_the_run(mirror_dir, monkeypatch):
     # LoRA promising an offset: its B = 0 init leaves outputs bit-identical.
     lora = type(methods.get_method("lora"))
     monkeypatch.setattr(lora, "starts_at_base", lambda self, hp: False)
-    row = run_trial(spec(mirror_dir, method="lora"))
+    row = run_trial(trial_spec(mirror_dir, method="lora"))
     assert row["status"] == "failed" and "bit-identical" in row["error"]
 
 
@@ -89,7 +78,7 @@ def test_a_merge_that_changes_the_function_fails_the_run(mirror_dir, monkeypatch
         return merged
 
     monkeypatch.setattr(lora, "merge", broken_merge)
-    row = run_trial(spec(mirror_dir, method="lora"))
+    row = run_trial(trial_spec(mirror_dir, method="lora"))
     assert row["status"] == "failed" and "merged weights compute different outputs" in row["error"]
 
 

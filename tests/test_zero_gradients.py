@@ -221,9 +221,9 @@ def _causal_pipeline():
 def _init_gradients(batches) -> dict[str, torch.Tensor]:
     from methods.grad_estimator import layer_gradients
     from methods.peft_lora import matching_linear_layers
-    from tests.test_generative import tiny_llama
+    from tests.builders import word_llama
 
-    model = tiny_llama(vocab=20)
+    model = word_llama(vocab=20)
     layers = dict(matching_linear_layers(model, ["q_proj", "v_proj"], []))
     grads = layer_gradients(model, layers, batches)
     return {name: grads.pop_mean(name) for name in list(grads)}
