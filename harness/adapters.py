@@ -5,8 +5,10 @@ Each saved trial gets `<output_dir>/adapters/<run key>/`:
 - `adapter/`: the adapter as the method trains it. peft methods: peft's own folder
   (`save_pretrained`, safetensors; the task head rides along as `modules_to_save`), loaded
   with `PeftModel.from_pretrained`. Plug-in methods (LoRA-XS, LoRA-SB, SDS-LoRA): the
-  plug-in's `save_adapter` folder plus `head.safetensors` (the trained task head), loaded
-  with `load_saved_adapter`. Full fine-tuning: the whole model (`save_pretrained`).
+  method's `save_adapter` folder (the `Method` contract) plus `head.safetensors` (the
+  trained task head), loaded with `load_saved_adapter` (the method's `load_adapter`).
+  Methods without an adapter of their own (`save_adapter` raises NotImplementedError:
+  full fine-tuning): the whole model (`save_pretrained`).
 - `stock_lora/`: only for methods whose init moves the base weights W0 (PiSSA's residual,
   LoRA-GA's and CG-LoRA shift's offsets, LoRA-One with `weight_shift`): a plain LoRA of
   rank 2r that applies to the *stock* base model, from peft's
@@ -23,16 +25,17 @@ The row records `adapter_path` and `adapter_bytes` (bytes of `adapter/` on disk)
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from methods.base import Method
+from methods.registry import get_method
 
 ADAPTERS_DIR = "adapters"
 META_FILE = "harness_adapter.json"
@@ -48,22 +51,6 @@ def adapters_root(out_dir: str | Path) -> Path:
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "save_pretrained")
-
-
-def plugin_module(method: Any, model: nn.Module):
-    """The module that saves and loads this model's plug-in adapter layers (module-level
-    `save_adapter(model, dir)` / `load_adapter(model, dir)`): the method's own module, else
-    the module defining its adapter layers (LoRA-SB's layers are LoRA-XS's). None if none."""
-    package = type(method).__module__.split(".")[0]
-    names = [type(method).__module__]
-    names += [type(m).__module__ for m in model.modules() if type(m).__module__.startswith(package)]
-    for name in dict.fromkeys(names):
-        module = sys.modules.get(name)
-        if callable(getattr(module, "save_adapter", None)) and callable(
-            getattr(module, "load_adapter", None)
-        ):
-            return module
-    return None
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -102,7 +89,7 @@ class AdapterSaver:
     def save(
         self,
         model: nn.Module,
-        method: Any,
+        method: Method,
         spec: Any,
         probe: dict[str, torch.Tensor],
         outputs: torch.Tensor,
@@ -128,9 +115,8 @@ class AdapterSaver:
                 )
             else:
                 meta["applies_to"] = f"{ADAPTER}/: the stock base model"
-        elif (module := plugin_module(method, model)) is not None:
-            meta["format"], meta["plugin_module"] = FORMAT_PLUGIN, module.__name__
-            module.save_adapter(model, adapter)
+        elif self._save_plugin(model, method, adapter):
+            meta["format"], meta["plugin_module"] = FORMAT_PLUGIN, type(method).__module__
             head = {
                 name: p.detach().contiguous().cpu()
                 for name, p in model.named_parameters()
@@ -155,6 +141,15 @@ class AdapterSaver:
             json.dumps(meta, indent=2, sort_keys=True, default=str)
         )
         return {"adapter_path": str(self.folder), "adapter_bytes": folder_bytes(adapter)}
+
+    @staticmethod
+    def _save_plugin(model: nn.Module, method: Method, adapter: Path) -> bool:
+        """The method's own adapter folder (`Method.save_adapter`); False if it has none."""
+        try:
+            method.save_adapter(model, adapter)
+        except NotImplementedError:
+            return False
+        return True
 
     def _save_stock_lora(self, model: nn.Module) -> None:
         stock = self.folder / STOCK_LORA
@@ -200,17 +195,14 @@ def load_saved_adapter(base_model: nn.Module, folder: str | Path) -> nn.Module:
     if meta["format"] == FORMAT_PLUGIN:
         if meta["moved_base_tensors"]:
             raise ValueError(f"{folder}: this plug-in adapter applies only to the moved base")
-        module = importlib.import_module(meta["plugin_module"])
-        model = module.load_adapter(base_model, folder / ADAPTER)
+        model = get_method(meta["method"]).load_adapter(base_model, folder / ADAPTER)
         head_file = folder / ADAPTER / HEAD_FILE
         if head_file.is_file():
             missing = model.load_state_dict(load_file(str(head_file)), strict=False)
             if missing.unexpected_keys:
                 raise ValueError(f"head tensors not in the model: {missing.unexpected_keys}")
         return model
-    raise ValueError(
-        f"{folder} holds a full model: load it with transformers' from_pretrained"
-    )
+    raise ValueError(f"{folder} holds a full model: load it with transformers' from_pretrained")
 
 
 def saved_probe(folder: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:

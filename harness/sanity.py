@@ -10,8 +10,12 @@ The trainable-parameter count is checked against the method's formula in `harnes
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+
+from methods.base import TrainCallback
 
 
 class SanityError(AssertionError):
@@ -76,13 +80,19 @@ def check_merge(unmerged: torch.Tensor, merged: torch.Tensor) -> str:
     return f"merged == unmerged: max|delta output|={gap:.3g} (tol {tol:.3g})"
 
 
-class CheckedCallbacks:
-    """Wraps a method's training callbacks: at a step where a callback promises to keep
-    the model's function (`preserves_function(step)`, e.g. SDS-LoRA's reparameterisation
-    after warm-up), the probe outputs before and after it must agree (tolerance by dtype).
-    `records` holds one line per check, for the row's `sanity_callbacks`."""
+class CheckedCallbacks(TrainCallback):
+    """Wraps a method's training callbacks (`methods.base.TrainCallback`s): at a step where
+    a callback promises to keep the model's function (`preserves_function(step)`, e.g.
+    SDS-LoRA's reparameterisation after warm-up), the probe outputs before and after it must
+    agree (tolerance by dtype). `records` holds one line per check, for the row's
+    `sanity_callbacks`."""
 
-    def __init__(self, callbacks, probe: dict[str, torch.Tensor], dtype=torch.float32):
+    def __init__(
+        self,
+        callbacks: Iterable[TrainCallback],
+        probe: dict[str, torch.Tensor],
+        dtype=torch.float32,
+    ):
         self.callbacks = list(callbacks)
         self.probe = probe
         self.dtype = dtype
@@ -92,17 +102,16 @@ class CheckedCallbacks:
         return iter([self])
 
     @property
-    def events(self) -> list:
-        return [e for cb in self.callbacks for e in getattr(cb, "events", [])]
+    def events(self) -> list[tuple[int, str]]:
+        return [e for cb in self.callbacks for e in cb.events]
 
     def on_restore(self, step: int, model: nn.Module) -> None:
         for cb in self.callbacks:
-            getattr(cb, "on_restore", lambda *_: None)(step, model)
+            cb.on_restore(step, model)
 
     def on_step_end(self, step: int, model: nn.Module, optimizer, access=None) -> None:
         for cb in self.callbacks:
-            promise = getattr(cb, "preserves_function", None)
-            before = outputs(model, self.probe) if promise and promise(step) else None
+            before = outputs(model, self.probe) if cb.preserves_function(step) else None
             cb.on_step_end(step, model, optimizer, access)
             if before is None:
                 continue

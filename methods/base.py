@@ -7,8 +7,10 @@ loading. A batch is a dict the model accepts as keyword arguments, including `la
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -25,13 +27,58 @@ class WeightedBatch(dict):
     batches. Distributed trials hand data-informed inits the micro-batches of each global
     batch as these, weighted by their share of its loss terms (a causal LM's labelled
     tokens), so the average over micro-batches equals the single-device average over whole
-    batches. `model(**batch)` sees only the tensors."""
+    batches. `model(**batch)` sees only the tensors.
 
-    loss_weight: float = 1.0
+    The weight belongs to the batch object, not to its tensors: a batch rebuilt as a plain
+    dict (`dict(batch)`, a comprehension over `batch.items()`) is an unweighted batch, which
+    is what `grad_estimator.example_batches` wants of its single examples (each example's
+    mean loss counts once). A rebuild that is the same batch keeps the weight:
+    `WeightedBatch(batch)`, `batch.copy()`, `batch | more`, `batch.to(device)` (which peft's
+    `move_inputs_to_device` calls), `batch.with_tensors(new_tensors)`.
+    """
+
+    def __init__(
+        self, tensors: Mapping[str, Any] | None = None, loss_weight: float | None = None
+    ) -> None:
+        super().__init__(tensors or {})
+        if loss_weight is None:  # a copy of a weighted batch is that weighted batch
+            loss_weight = tensors.loss_weight if isinstance(tensors, WeightedBatch) else 1.0
+        self.loss_weight = loss_weight
+
+    @property
+    def loss_weight(self) -> float:
+        return self._loss_weight
+
+    @loss_weight.setter
+    def loss_weight(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a batch's loss weight must be finite and >= 0, got {value}")
+        self._loss_weight = value
+
+    def with_tensors(self, tensors: Mapping[str, Any]) -> WeightedBatch:
+        """Another batch of the same examples (moved, cast, re-collated), same weight."""
+        return WeightedBatch(tensors, self.loss_weight)
+
+    def to(self, *args: Any, **kwargs: Any) -> WeightedBatch:
+        """Every tensor `.to(*args, **kwargs)` (device, dtype), the weight kept."""
+        return self.with_tensors(
+            {k: v.to(*args, **kwargs) if torch.is_tensor(v) else v for k, v in self.items()}
+        )
+
+    def copy(self) -> WeightedBatch:
+        return WeightedBatch(self)
+
+    def __or__(self, other: Mapping[str, Any]) -> WeightedBatch:
+        return self.with_tensors({**self, **other})
+
+    def __repr__(self) -> str:
+        return f"WeightedBatch({dict.__repr__(self)}, loss_weight={self.loss_weight:g})"
 
 
 def loss_weight(batch: Batch) -> float:
-    return getattr(batch, "loss_weight", 1.0)
+    """How many times the batch's mean loss counts (1 but for a `WeightedBatch`)."""
+    return batch.loss_weight if isinstance(batch, WeightedBatch) else 1.0
 
 
 class Hyperparams(BaseModel):
@@ -132,7 +179,15 @@ class TrainCallback(Protocol):
     `access` (None = `LocalParamAccess(optimizer)`) is how the callback must read and rewrite
     parameters and optimizer state; a method whose callbacks do so only through it sets
     `Method.callbacks_support_zero` and then also trains under DeepSpeed ZeRO.
+
+    A method's callbacks subclass this protocol (PEP 544: an explicit subclass inherits its
+    bodies) and so get the defaults of everything but `on_step_end`: no function-preserving
+    step, nothing to do on a restore, no events. The harness (harness/sanity.py
+    `CheckedCallbacks`) uses all four members directly.
     """
+
+    # (step, what happened) for the row's `callback_events` and for logs.
+    events: Sequence[tuple[int, str]] = ()
 
     def on_step_end(
         self,
@@ -140,7 +195,18 @@ class TrainCallback(Protocol):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         access: ParamAccess | None = None,
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
+
+    def preserves_function(self, step: int) -> bool:
+        """Whether `on_step_end(step, ...)` promises to leave the model's outputs unchanged
+        (SDS-LoRA's reparameterisation); the harness checks the promise on a probe batch."""
+        return False
+
+    def on_restore(self, step: int, model: nn.Module) -> None:
+        """A run resumed from a checkpoint taken after `step`: bring any state the
+        checkpoint does not hold (SDS-LoRA's active form) in line with that step."""
+        return None
 
 
 # A rewrite of one optimizer step's gradients, applied after clipping and before the
@@ -159,7 +225,9 @@ class Method:
     Subclasses set `name`, `description`, `hyperparams_cls` and implement `prepare` and
     `expected_trainable_params`; they override `build_optimizer` when their param groups are
     not one AdamW group (LoRA+), `gradient_transform` to precondition gradients (LoRA-One),
-    and `callbacks` for training-time hooks.
+    `callbacks` for training-time hooks, and `save_adapter` / `load_adapter` when the
+    trained model holds an adapter apart from the base weights (peft methods:
+    methods/peft_lora.py; plug-in adapters: methods/plugin_adapter.py).
     """
 
     name: ClassVar[str]
@@ -211,8 +279,9 @@ class Method:
         return None
 
     def callbacks(self, hp: Hyperparams, total_steps: int) -> list[TrainCallback]:
-        """Training-time hooks; `total_steps` is the run's number of optimizer steps (for
-        schedules tied to the run length, e.g. SDS-LoRA's warm-up and basis refresh)."""
+        """Training-time hooks (`TrainCallback` subclasses); `total_steps` is the run's
+        number of optimizer steps (for schedules tied to the run length, e.g. SDS-LoRA's
+        warm-up and basis refresh)."""
         return []
 
     def starts_at_base(self, hp: Hyperparams) -> bool:
@@ -229,6 +298,19 @@ class Method:
         Called once, after evaluation; the harness checks merged outputs equal unmerged ones.
         """
         return None
+
+    def save_adapter(self, model: nn.Module, path: str | Path) -> None:
+        """Write the prepared (trained) model's adapter - what the method added to the base
+        model, not the base weights - into the folder `path`, for `load_adapter`. The task
+        head need not be in it (the harness saves it beside). Raises NotImplementedError
+        where the method has no adapter apart from the model (full fine-tuning: the harness
+        then saves the whole model)."""
+        raise NotImplementedError(f"{self.name} has no adapter apart from the model")
+
+    def load_adapter(self, base_model: nn.Module, path: str | Path) -> nn.Module:
+        """The model `save_adapter` saved into `path`, rebuilt on a freshly loaded base
+        model (the one the method's init saw: for W0-moving inits, the moved base)."""
+        raise NotImplementedError(f"{self.name} has no adapter apart from the model")
 
     def expected_trainable_params(
         self, base_model: nn.Module, hp: Hyperparams, ctx: PrepareContext

@@ -19,15 +19,16 @@ so s = 1 by default. Gradient sums are all-reduced across ranks before the sign.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
-from methods.base import Hyperparams, Method, PrepareContext
-from methods.grad_estimator import example_batches, layer_gradients
-from methods.lora_xs import OFFICIAL_TARGETS, inject, merge_and_unload
-from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
+from methods.base import Hyperparams, PrepareContext
+from methods.grad_estimator import LayerGradients, example_batches, layer_gradients
+from methods.lora_xs import OFFICIAL_TARGETS, LoraXSLinear
+from methods.plugin_adapter import PluginAdapterMethod
 from methods.registry import register_method
 
 
@@ -78,18 +79,15 @@ def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None):
 
 
 @register_method("lora_sb")
-class LoraSb(Method):
+class LoraSb(PluginAdapterMethod):
     description = "LoRA-SB: W0 + s B R A, only r x r R trains; init from the sign of 1st step"
     hyperparams_cls = LoraSbHyperparams
     needs_init_batches = True
+    layer_cls = LoraXSLinear  # LoRA-XS's adapter (and its folder format, LORA_XS)
+    official_targets = OFFICIAL_TARGETS
 
-    def family_target_modules(self, model_type: str) -> list[str]:
-        if model_type in OFFICIAL_TARGETS:
-            return list(OFFICIAL_TARGETS[model_type])
-        return super().family_target_modules(model_type)
-
-    def targets(self, hp: LoraSbHyperparams, ctx: PrepareContext) -> list[str]:
-        return list(hp.target_modules or ctx.default_target_modules)
+    def scaling(self, hp: LoraSbHyperparams) -> float:
+        return hp.scaling
 
     def init_examples_used(self, hp: LoraSbHyperparams, ctx: PrepareContext | None) -> int | None:
         """Examples the gradient sum sees (None: whole batches, `init_unit: batches`)."""
@@ -126,51 +124,49 @@ class LoraSb(Method):
             return min(lr, lr / warmup)
         return lr  # no warm-up step (harness.train rounds ratio x T): the peak LR
 
-    def prepare(self, model, hp: LoraSbHyperparams, ctx: PrepareContext):
+    def initial_values(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        hp: LoraSbHyperparams,
+        ctx: PrepareContext,
+    ) -> tuple[LayerGradients, float]:
+        """The gradient sums of the simulated first step, and its step size."""
         if ctx.init_batches is None:
             raise ValueError("lora_sb needs training batches for its first-step estimate")
         eta = self.eta(hp, ctx)
         if eta is None:
             raise ValueError("lora_sb needs init_eta or the training learning rate")
-        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
-        check_rank_fits(layers, hp.rank)
         examples = self.init_examples_used(hp, ctx)
         sample = (
             example_batches(ctx.init_batches(examples), examples)
             if examples is not None
             else ctx.init_batches(self.init_batches_wanted(hp, ctx))
         )
-        grads = layer_gradients(model, layers, sample, offload=ctx.offload_statistics)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        wrapped = inject(model, list(layers), hp.rank, hp.scaling)
-        with torch.no_grad():
-            for name in grads:
-                update = -eta * torch.sign(grads.pop_sum(name))  # simulated first AdamW step
-                u, s, vh = truncated_svd(update, hp.rank, hp.svd_niter)
-                layer = wrapped[name]
-                layer.lora_B.copy_(u)
-                layer.lora_A.copy_(vh)
-                layer.lora_R.copy_(torch.diag(s) / hp.scaling)
-        for head in ctx.head_modules:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
-        return model
+        return layer_gradients(model, layers, sample, offload=ctx.offload_statistics), eta
+
+    def initialize(
+        self,
+        wrapped: dict[str, LoraXSLinear],
+        values: tuple[LayerGradients, float],
+        hp: LoraSbHyperparams,
+        ctx: PrepareContext,
+    ) -> None:
+        grads, eta = values
+        for name in grads:
+            update = -eta * torch.sign(grads.pop_sum(name))  # simulated first AdamW step
+            u, s, vh = truncated_svd(update, hp.rank, hp.svd_niter)
+            layer = wrapped[name]
+            layer.lora_B.copy_(u)
+            layer.lora_A.copy_(vh)
+            layer.lora_R.copy_(torch.diag(s) / hp.scaling)
 
     def starts_at_base(self, hp: LoraSbHyperparams) -> bool:
         return False  # it starts after the simulated first step
 
-    def merge(self, model):
-        return merge_and_unload(model)
-
-    def expected_trainable_params(self, base_model, hp: LoraSbHyperparams, ctx: PrepareContext):
-        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
-        return len(layers) * hp.rank**2 + head_param_count(base_model, ctx.head_modules)
-
-    def resolved_config(self, hp: LoraSbHyperparams, ctx: PrepareContext):
+    def resolved_config(self, hp: LoraSbHyperparams, ctx: PrepareContext) -> dict[str, Any]:
         return {
-            **hp.model_dump(),
-            "target_modules": self.targets(hp, ctx),
+            **super().resolved_config(hp, ctx),
             "init_batches_used": self.init_batches_wanted(hp, ctx),
             "init_examples_used": self.init_examples_used(hp, ctx),
             "init_eta_used": self.eta(hp, ctx),

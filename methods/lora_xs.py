@@ -2,12 +2,12 @@
 and the `lora_xs` method (Balazy et al. 2024, arXiv 2405.17604), the baseline LoRA-SB
 Table 3 compares (rank 8: 61.07 CoLA MCC on RoBERTa-large).
 
-The adapter: a plug-in that saves and loads like a peft adapter: `save_adapter(model, dir)`
-writes `adapter_config.json` + `adapter_model.safetensors` (only B, R, A per layer),
-`load_adapter(base_model, dir)` re-injects it, `merge_and_unload(model)` folds
-s B R A into the base weights and returns plain `nn.Linear` layers. LoRA-SB
-(methods/lora_sb.py) fills the same adapter from its simulated first step; `lora_xs` fills it
-from the pretrained weight.
+The adapter: a plug-in (methods/plugin_adapter.py) that saves and loads like a peft
+adapter: `save_adapter(model, dir)` writes `adapter_config.json` +
+`adapter_model.safetensors` (only B, R, A per layer), `load_adapter(base_model, dir)`
+re-injects it, `merge_and_unload(model)` folds s B R A into the base weights and returns
+plain `nn.Linear` layers. LoRA-SB (methods/lora_sb.py) fills the same adapter from its
+simulated first step; `lora_xs` fills it from the pretrained weight.
 
 The `lora_xs` init follows the official MohammadrezaBanaei/LoRA-XS code
 (utils/initialization_utils.py `get_svd_replacement_module` + `find_and_initialize`,
@@ -38,21 +38,16 @@ output.dense (main_glue.py LoraConfig.target_modules; the same list as LoRA-SB's
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from methods.base import Hyperparams, Method, PrepareContext
-from methods.peft_lora import check_rank_fits, head_param_count, matching_linear_layers
+from methods.base import Hyperparams, PrepareContext
+from methods.plugin_adapter import AdapterLayer, PluginAdapterMethod
 from methods.registry import register_method
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # The official GLUE targets of LoRA-SB (CERT-Lab/lora-sb models.py, RoBERTa), which LoRA-XS
 # shares: query, value and both output projections; our encoder default also adapts key
@@ -66,12 +61,14 @@ OFFICIAL_TARGETS: dict[str, list[str]] = {
 }
 
 
-class LoraXSLinear(nn.Module):
+class LoraXSLinear(AdapterLayer):
     """base(x) + s * B R A x, with B (out, r) and A (r, in) buffers and R (r, r) a parameter."""
 
+    peft_type = "LORA_XS"
+    adapter_tensor_names = ("lora_A", "lora_B", "lora_R")
+
     def __init__(self, base: nn.Linear, rank: int, scaling: float) -> None:
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.scaling = scaling
         dtype, device = base.weight.dtype, base.weight.device
         # Buffers, not parameters: frozen by construction and still saved with the adapter.
@@ -83,12 +80,6 @@ class LoraXSLinear(nn.Module):
         )
         self.lora_R = nn.Parameter(torch.zeros(rank, rank, dtype=dtype, device=device))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, as peft's LoRA layers expose it: model code reads a
-        linear layer's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`)."""
-        return self.base_layer.weight
-
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.lora_B @ self.lora_R @ self.lora_A
 
@@ -97,80 +88,24 @@ class LoraXSLinear(nn.Module):
             x @ self.lora_A.T @ self.lora_R.T @ self.lora_B.T
         )
 
+    def adapter_config(self) -> dict[str, Any]:
+        return {"r": self.lora_R.shape[0], "scaling": self.scaling}
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    @classmethod
+    def from_config(cls, base: nn.Linear, config: Mapping[str, Any]) -> Self:
+        return cls(base, config["r"], config["scaling"])
 
-
-def inject(
-    model: nn.Module, layer_names: list[str], rank: int, scaling: float
-) -> dict[str, LoraXSLinear]:
-    """Replace each named nn.Linear by a LoraXSLinear; freeze everything else's base weights."""
-    wrapped = {}
-    for name in layer_names:
-        base = model.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name} is {type(base).__name__}, LoRA-XS wraps nn.Linear only")
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        wrapped[name] = LoraXSLinear(base, rank, scaling)
-        set_module(model, name, wrapped[name])
-    return wrapped
+    @staticmethod
+    def trainable_params(base: nn.Linear, rank: int) -> int:
+        return rank**2  # only R trains; B and A are buffers
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LoraXSLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraXSLinear)}
-
-
-def save_adapter(model: nn.Module, path: str | Path, extra_config: dict | None = None) -> None:
-    """peft-style folder: config + safetensors with B, R, A per layer (and nothing else)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    layers = adapter_layers(model)
-    tensors = {}
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B", "lora_R"):
-            tensors[f"{name}.{part}"] = getattr(layer, part).detach().contiguous().cpu()
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA_XS",
-        "r": first.lora_R.shape[0],
-        "scaling": first.scaling,
-        "target_layers": sorted(layers),
-        **(extra_config or {}),
-    }
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(tensors, str(path / ADAPTER_WEIGHTS))
-
-
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    path = Path(path)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    layers = inject(model, config["target_layers"], config["r"], config["scaling"])
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for part in ("lora_A", "lora_B", "lora_R"):
-                getattr(layer, part).copy_(tensors[f"{name}.{part}"])
-    return model
-
-
-@torch.no_grad()
-def merge_wrapped(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
-    """W0 <- W0 + delta_weight() for each named wrapper (a `base_layer` plus its update),
-    which is then replaced by its base layer. Shared by the plug-in adapters."""
-    for name, layer in layers.items():
-        base = layer.base_layer
-        base.weight += layer.delta_weight().to(base.weight.dtype)
-        set_module(model, name, base)
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """W0 <- W0 + s B R A for every adapted layer; the wrappers are replaced by their base."""
-    return merge_wrapped(model, adapter_layers(model))
+# The adapter API of these layers (LoRA-SB's too), as module functions.
+inject = LoraXSLinear.inject  # (model, layer names, rank, scaling)
+adapter_layers = LoraXSLinear.layers_in
+save_adapter = LoraXSLinear.save
+load_adapter = LoraXSLinear.load
+merge_and_unload = LoraXSLinear.merge_and_unload
 
 
 # ---------------------------------------------------------------- the `lora_xs` method
@@ -193,56 +128,41 @@ def lora_xs_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
 
 @register_method("lora_xs")
-class LoraXs(Method):
+class LoraXs(PluginAdapterMethod):
     description = "LoRA-XS: W0 + s B R A, B A = top-r SVD of W0 (frozen), only r x r R trains"
     hyperparams_cls = LoraXsHyperparams
-
-    def family_target_modules(self, model_type: str) -> list[str]:
-        if model_type in OFFICIAL_TARGETS:
-            return list(OFFICIAL_TARGETS[model_type])
-        return super().family_target_modules(model_type)
-
-    def targets(self, hp: LoraXsHyperparams, ctx: PrepareContext) -> list[str]:
-        return list(hp.target_modules or ctx.default_target_modules)
+    layer_cls = LoraXSLinear
+    official_targets = OFFICIAL_TARGETS
 
     def scaling(self, hp: LoraXsHyperparams) -> float:
         return hp.alpha / hp.rank
 
-    def prepare(self, model: nn.Module, hp: LoraXsHyperparams, ctx: PrepareContext) -> nn.Module:
-        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
-        check_rank_fits(layers, hp.rank)
-        factors = {name: lora_xs_factors(layer.weight, hp.rank) for name, layer in layers.items()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        wrapped = inject(model, list(layers), hp.rank, self.scaling(hp))
-        with torch.no_grad():
-            for name, (b, a) in factors.items():
-                layer = wrapped[name]
-                layer.lora_B.copy_(b)
-                layer.lora_A.copy_(a)
-                if hp.init_std > 0:
-                    nn.init.normal_(layer.lora_R, mean=0.0, std=hp.init_std)
-        for head in ctx.head_modules:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
-        return model
+    def initial_values(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        hp: LoraXsHyperparams,
+        ctx: PrepareContext,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: lora_xs_factors(layer.weight, hp.rank) for name, layer in layers.items()}
+
+    def initialize(
+        self,
+        wrapped: dict[str, LoraXSLinear],
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        hp: LoraXsHyperparams,
+        ctx: PrepareContext,
+    ) -> None:
+        for name, (b, a) in factors.items():
+            layer = wrapped[name]
+            layer.lora_B.copy_(b)
+            layer.lora_A.copy_(a)
+            if hp.init_std > 0:
+                nn.init.normal_(layer.lora_R, mean=0.0, std=hp.init_std)
 
     def starts_at_base(self, hp: LoraXsHyperparams) -> bool:
         # R = 0 gives W0 exactly; the official R ~ N(0, 1e-10) moves the outputs by a little.
         return hp.init_std == 0
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_and_unload(model)
-
-    def expected_trainable_params(
-        self, base_model: nn.Module, hp: LoraXsHyperparams, ctx: PrepareContext
-    ) -> int:
-        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
-        return len(layers) * hp.rank**2 + head_param_count(base_model, ctx.head_modules)
-
     def resolved_config(self, hp: LoraXsHyperparams, ctx: PrepareContext) -> dict[str, Any]:
-        return {
-            **hp.model_dump(),
-            "target_modules": self.targets(hp, ctx),
-            "scaling_used": self.scaling(hp),
-        }
+        return {**super().resolved_config(hp, ctx), "scaling_used": self.scaling(hp)}

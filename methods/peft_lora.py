@@ -1,14 +1,19 @@
-"""What the LoRA-family methods share: hyperparameters, peft wrapping, the parameter formula.
+"""What the LoRA-family methods share: hyperparameters, target layers, the parameter formula,
+peft wrapping.
 
-Each variant (rsLoRA, DoRA, PiSSA, LoRA-GA, LoRA+) is a small subclass that changes one
-thing, as peft's `tuners/lora` does with its variants.
+`LinearAdapterMethod` is what every method that adapts the model's `nn.Linear` layers
+shares (peft's LoRA variants here, the plug-in adapters of methods/plugin_adapter.py): the
+target modules, the layers they match and the closed-form trainable-parameter count.
+Each peft variant (rsLoRA, DoRA, PiSSA, LoRA-GA, LoRA+) is a small subclass of
+`PeftLoraMethod` that changes one thing, as peft's `tuners/lora` does with its variants.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field
 from torch import nn
 
@@ -59,13 +64,34 @@ def head_param_count(model: nn.Module, head_modules: list[str]) -> int:
     return sum(p.numel() for h in head_modules for p in modules[h].parameters())
 
 
-class PeftLoraMethod(Method):
-    """Plain LoRA through peft; subclasses override `extra_lora_kwargs` and friends."""
-
-    hyperparams_cls: ClassVar[type[Hyperparams]] = LoraHyperparams
+class LinearAdapterMethod(Method):
+    """A method that adapts the `nn.Linear` layers its hyperparameters' `target_modules`
+    name (None: the model family's default), the task head excluded. Its hyperparameters
+    have `rank` and `target_modules`; a subclass whose adapter is not LoRA-sized overrides
+    `per_layer_params`."""
 
     def targets(self, hp: LoraHyperparams, ctx: PrepareContext) -> list[str]:
         return list(hp.target_modules or ctx.default_target_modules)
+
+    def per_layer_params(self, layer: nn.Linear, hp: LoraHyperparams) -> int:
+        """Trainable parameters the method adds to one adapted layer: B (m, r) + A (r, n)."""
+        return hp.rank * (layer.in_features + layer.out_features)
+
+    def expected_trainable_params(
+        self, base_model: nn.Module, hp: LoraHyperparams, ctx: PrepareContext
+    ) -> int:
+        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
+        adapters = sum(self.per_layer_params(layer, hp) for _, layer in layers)
+        return adapters + head_param_count(base_model, ctx.head_modules)
+
+    def resolved_config(self, hp: LoraHyperparams, ctx: PrepareContext) -> dict[str, Any]:
+        return {**hp.model_dump(), "target_modules": self.targets(hp, ctx)}
+
+
+class PeftLoraMethod(LinearAdapterMethod):
+    """Plain LoRA through peft; subclasses override `extra_lora_kwargs` and friends."""
+
+    hyperparams_cls: ClassVar[type[Hyperparams]] = LoraHyperparams
 
     def extra_lora_kwargs(self, hp: LoraHyperparams) -> dict[str, Any]:
         return {}
@@ -86,15 +112,11 @@ class PeftLoraMethod(Method):
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
 
-    def per_layer_params(self, layer: nn.Linear, hp: LoraHyperparams) -> int:
-        return hp.rank * (layer.in_features + layer.out_features)
+    def save_adapter(self, model: nn.Module, path: str | Path) -> None:
+        """peft's own folder (`save_pretrained`, safetensors; the head as modules_to_save)."""
+        model.save_pretrained(str(path), safe_serialization=True)
 
-    def expected_trainable_params(
-        self, base_model: nn.Module, hp: LoraHyperparams, ctx: PrepareContext
-    ) -> int:
-        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
-        adapters = sum(self.per_layer_params(layer, hp) for _, layer in layers)
-        return adapters + head_param_count(base_model, ctx.head_modules)
-
-    def resolved_config(self, hp: LoraHyperparams, ctx: PrepareContext) -> dict[str, Any]:
-        return {**hp.model_dump(), "target_modules": self.targets(hp, ctx)}
+    def load_adapter(self, base_model: nn.Module, path: str | Path) -> nn.Module:
+        # It applies to the base model as the init left it (W0-moving inits: not the stock
+        # one; harness/adapters.py keeps a converted copy for that).
+        return PeftModel.from_pretrained(base_model, str(path))

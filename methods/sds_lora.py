@@ -51,11 +51,11 @@ Training procedure (paper Sec. 3.3 "Training Procedure", Algorithm 1; our readin
   (the unique, continuous Gram-Schmidt convention; it reproduces Q_B = U right after Eq. 8),
   which also rotates the basis within the subspace as B moves.
 
-Implementation: a plug-in adapter in the style of `methods/lora_xs.py` (`inject`,
-`save_adapter` / `load_adapter` as a peft-style folder, `merge_and_unload`), not a peft
-LoRA variant: peft 0.21 selects variants from `LoraConfig` dataclass fields
-(`LoraLayer.resolve_lora_variant`), so a new variant needs a forked config, and peft's
-state-dict filter would not save the Q buffers. The adapter path is one rank-2r product,
+Implementation: a plug-in adapter (methods/plugin_adapter.py: `inject`, `save_adapter` /
+`load_adapter` as a peft-style folder, `merge_and_unload`), not a peft LoRA variant: peft
+0.21 selects variants from `LoraConfig` dataclass fields (`LoraLayer.resolve_lora_variant`),
+so a new variant needs a forked config, and peft's state-dict filter would not save the Q
+buffers. The adapter path is one rank-2r product,
 s x [Q_A, A^T] [B, Q_B]^T, in a custom autograd function whose backward computes exactly
 dL/dB = s G Q_A, dL/dA = s Q_B^T G and dL/dx (no gradient for the bases, nothing else
 saved but x and the (N, r) product x Q_A, as LoRA saves x A^T). QR and SVD run only at the
@@ -65,28 +65,20 @@ reparameterisation and on refresh steps, batched over layers of the same shape. 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from methods.base import LocalParamAccess, Method, ParamAccess, PrepareContext, TrainCallback
-from methods.lora_xs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_wrapped, set_module
-from methods.peft_lora import (
-    LoraHyperparams,
-    check_rank_fits,
-    head_param_count,
-    matching_linear_layers,
-)
+from methods.base import LocalParamAccess, ParamAccess, PrepareContext, TrainCallback
+from methods.peft_lora import LoraHyperparams
+from methods.plugin_adapter import AdapterLayer, PluginAdapterMethod
 from methods.registry import register_method
 
 PEFT_TYPE = "SDS_LORA"
@@ -154,16 +146,18 @@ class _SdsDelta(torch.autograd.Function):
         return grad_x, grad_B, grad_A, None, None, None
 
 
-class SdsLoraLinear(nn.Module):
+class SdsLoraLinear(AdapterLayer):
     """base(x) + s B A x during warm-up, then base(x) + s (B Q_A^T + Q_B A) x.
 
     B (out, r) and A (r, in) are parameters; Q_B (out, r) and Q_A (in, r) are buffers
     (saved with the adapter, never trained). `reparameterized` says which form is active.
     """
 
+    peft_type = PEFT_TYPE
+    adapter_tensor_names = ("lora_A", "lora_B", "sds_QA", "sds_QB")
+
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.rank = rank
         self.scaling = scaling
         self.reparameterized = False
@@ -175,12 +169,6 @@ class SdsLoraLinear(nn.Module):
         self.register_buffer("sds_QB", torch.zeros(m, rank, dtype=dtype, device=device))
         self.register_buffer("sds_QA", torch.zeros(n, rank, dtype=dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, as peft's LoRA layers expose it: model code reads a
-        linear layer's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`)."""
-        return self.base_layer.weight
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, reparameterized={self.reparameterized}"
@@ -201,26 +189,33 @@ class SdsLoraLinear(nn.Module):
             )
         return out + delta.to(out.dtype)
 
+    def adapter_config(self) -> dict[str, Any]:
+        return {
+            "r": self.rank,
+            "scaling": self.scaling,
+            "lora_dropout": getattr(self.lora_dropout, "p", 0.0),
+            "reparameterized": self.reparameterized,  # the save refuses a model in both forms
+        }
 
-def inject(
-    model: nn.Module, layer_names: Iterable[str], rank: int, scaling: float, dropout: float = 0.0
-) -> dict[str, SdsLoraLinear]:
-    """Replace each named nn.Linear by an SdsLoraLinear; the base weights are frozen."""
-    wrapped = {}
-    for name in layer_names:
-        base = model.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name} is {type(base).__name__}, SDS-LoRA wraps nn.Linear only")
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        wrapped[name] = SdsLoraLinear(base, rank, scaling, dropout)
-        set_module(model, name, wrapped[name])
-    return wrapped
+    @classmethod
+    def from_config(cls, base: nn.Linear, config: Mapping[str, Any]) -> Self:
+        layer = cls(base, config["r"], config["scaling"], config["lora_dropout"])
+        layer.reparameterized = bool(config["reparameterized"])
+        return layer
+
+    @staticmethod
+    def trainable_params(base: nn.Linear, rank: int) -> int:
+        # B (m, r) and A (r, n) train: r (m + n), as LoRA; Q_B, Q_A are buffers.
+        return rank * (base.in_features + base.out_features)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, SdsLoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SdsLoraLinear)}
+# The adapter API of these layers, as module functions (`save_adapter(model, dir,
+# modules_to_save=...)` also saves the task head).
+inject = SdsLoraLinear.inject  # (model, layer names, rank, scaling, dropout=0.0)
+adapter_layers = SdsLoraLinear.layers_in
+save_adapter = SdsLoraLinear.save
+load_adapter = SdsLoraLinear.load
+merge_and_unload = SdsLoraLinear.merge_and_unload
 
 
 # ---------------------------------------------------------------- reparameterisation, refresh
@@ -363,7 +358,7 @@ def refresh_steps(
     ]
 
 
-class SdsSchedule:
+class SdsSchedule(TrainCallback):
     """The training callback: reparameterise after step T_w, refresh on the schedule.
 
     `events` records (step, "reparameterize" | "refresh") for inspection and logs.
@@ -425,78 +420,11 @@ class SdsSchedule:
             layer.reparameterized = step >= self.warmup_steps
 
 
-# ---------------------------------------------------------------- save, load, merge
-
-
-def save_adapter(
-    model: nn.Module,
-    path: str | Path,
-    modules_to_save: Iterable[str] = (),
-    extra_config: dict | None = None,
-) -> None:
-    """peft-style folder: config + safetensors with B, A, Q_B, Q_A per layer, plus the
-    parameters of `modules_to_save` (the task head), which train too."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no SDS-LoRA layers")
-    states = {layer.reparameterized for layer in layers.values()}
-    if len(states) != 1:
-        raise ValueError("some layers are reparameterised and some are not")
-    tensors = {}
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B", "sds_QA", "sds_QB"):
-            tensors[f"{name}.{part}"] = getattr(layer, part).detach().contiguous().cpu()
-    modules_to_save = list(modules_to_save)
-    for head in modules_to_save:
-        for pname, p in model.get_submodule(head).named_parameters():
-            tensors[f"{head}.{pname}"] = p.detach().contiguous().cpu()
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": PEFT_TYPE,
-        "r": first.rank,
-        "scaling": first.scaling,
-        "lora_dropout": getattr(first.lora_dropout, "p", 0.0),
-        "reparameterized": states.pop(),
-        "target_layers": sorted(layers),
-        "modules_to_save": modules_to_save,
-        **(extra_config or {}),
-    }
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(tensors, str(path / ADAPTER_WEIGHTS))
-
-
-@torch.no_grad()
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    path = Path(path)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{path} holds a {config.get('peft_type')} adapter, not {PEFT_TYPE}")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    layers = inject(
-        model, config["target_layers"], config["r"], config["scaling"], config["lora_dropout"]
-    )
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B", "sds_QA", "sds_QB"):
-            getattr(layer, part).copy_(tensors[f"{name}.{part}"])
-        layer.reparameterized = bool(config["reparameterized"])
-    for head in config.get("modules_to_save", []):
-        for pname, p in model.get_submodule(head).named_parameters():
-            p.copy_(tensors[f"{head}.{pname}"])
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """W0 <- W0 + dW for every adapted layer; the wrappers are replaced by their base."""
-    return merge_wrapped(model, adapter_layers(model))
-
-
 # ---------------------------------------------------------------- the method
 
 
 @register_method("sds_lora")
-class SdsLora(Method):
+class SdsLora(PluginAdapterMethod):
     description = (
         "SDS-LoRA: W0 + s(B Q_A^T + Q_B A), orthonormal bases constant in backward; "
         "LoRA warm-up, then phased basis refresh. Refresh basis default 'procrustes': the "
@@ -507,25 +435,14 @@ class SdsLora(Method):
     )
     hyperparams_cls = SdsLoraHyperparams
     callbacks_support_zero = True  # the schedule goes through ParamAccess
+    layer_cls = SdsLoraLinear  # its own init is the method's: peft's warm-up LoRA init
+    official_targets = {"vit": ["q_proj", "v_proj"]}  # the paper adapts ViT's q and v only
 
-    def family_target_modules(self, model_type: str) -> list[str]:
-        if model_type == "vit":  # the paper adapts ViT's query and value projections only
-            return ["q_proj", "v_proj"]
-        return super().family_target_modules(model_type)
+    def scaling(self, hp: SdsLoraHyperparams) -> float:
+        return scaling_of(hp)
 
-    def targets(self, hp: SdsLoraHyperparams, ctx: PrepareContext) -> list[str]:
-        return list(hp.target_modules or ctx.default_target_modules)
-
-    def prepare(self, model: nn.Module, hp: SdsLoraHyperparams, ctx: PrepareContext):
-        layers = dict(matching_linear_layers(model, self.targets(hp, ctx), ctx.head_modules))
-        check_rank_fits(layers, hp.rank)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        inject(model, list(layers), hp.rank, scaling_of(hp), hp.dropout)
-        for head in ctx.head_modules:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
-        return model
+    def make_layer(self, base: nn.Linear, hp: SdsLoraHyperparams) -> SdsLoraLinear:
+        return SdsLoraLinear(base, hp.rank, self.scaling(hp), hp.dropout)
 
     def callbacks(self, hp: SdsLoraHyperparams, total_steps: int) -> list[TrainCallback]:
         return [
@@ -541,21 +458,9 @@ class SdsLora(Method):
     def starts_at_base(self, hp: SdsLoraHyperparams) -> bool:
         return True  # warm-up LoRA with B = 0
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_and_unload(model)
-
-    def expected_trainable_params(
-        self, base_model: nn.Module, hp: SdsLoraHyperparams, ctx: PrepareContext
-    ) -> int:
-        # B (m, r) and A (r, n) train: r (m + n) per layer, as LoRA; Q_B, Q_A are buffers.
-        layers = matching_linear_layers(base_model, self.targets(hp, ctx), ctx.head_modules)
-        adapters = sum(hp.rank * (lin.in_features + lin.out_features) for _, lin in layers)
-        return adapters + head_param_count(base_model, ctx.head_modules)
-
     def resolved_config(self, hp: SdsLoraHyperparams, ctx: PrepareContext) -> dict[str, Any]:
         return {
-            **hp.model_dump(),
-            "target_modules": self.targets(hp, ctx),
+            **super().resolved_config(hp, ctx),
             "scaling": scaling_of(hp),
             "schedule": (
                 f"uniform every {hp.refresh_interval}"

@@ -159,3 +159,40 @@ def test_sds_lora_schedule_runs_under_zero_through_param_access(tmp_path, mirror
 def _made(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.mark.slow
+def test_data_informed_and_preconditioned_methods_start_identically_under_zero3(
+    tmp_path, mirror_dir
+):
+    """LoRA-GA: peft's randomized SVD after rank-specific forward passes (dropout), the hard
+    case for identical inits, and a W0 offset that rewrites base weights. LoRA-One with the
+    paper's preconditioners: the harness clips and preconditions the assembled full
+    gradients at the accumulation boundary (DeepSpeed's clipping off)."""
+    pytest.importorskip("deepspeed")
+    methods = {
+        "lora_ga": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1}},
+        "lora_one": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1,
+                                                  "optimizer": "precond_adamw"}},
+    }  # fmt: skip
+    specs = _resolved_specs(tmp_path, mirror_dir, methods)
+    rows = {row["method"]: row for row in _rows_from_one_worker_group(specs, tmp_path / "train")}
+    assert set(rows) == set(methods)
+    for method, row in rows.items():
+        assert row["status"] == "ok", (method, row["error"], row.get("traceback"))
+        dist = json.loads(row["distributed"])
+        assert dist["micro_batch"] == 2 and dist["accumulation"] == 2
+        # Bit-identical adapters on both ranks, from the gradient all-reduced over the
+        # ranks' different micro-batches.
+        assert len(dist["init_digests"]) == 2 and len(set(dist["init_digests"])) == 1, method
+        losses = [loss for _, loss in json.loads(row["loss_curve"])]
+        assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0] - 0.1, (method, losses)
+        assert row["trainable_params"] == row["expected_trainable_params"], method
+        assert row["sanity_merge"].startswith("merged == unmerged"), method
+    assert rows["lora_ga"]["init_time_s"] > 0
+    assert rows["lora_ga"]["sanity_init"].startswith("identity")  # its W0 offset applied
+    assert rows["lora_one"]["sanity_init"].startswith("offset")  # LoRA-One moves the output
+    clipping = {m: json.loads(r["distributed"])["grad_clipping"] for m, r in rows.items()}
+    assert clipping == {"lora_ga": "deepspeed", "lora_one": "harness, before the transform"}
+    lora_one = json.loads(rows["lora_one"]["distributed"])
+    assert lora_one["deepspeed_config"]["gradient_clipping"] == 0.0
