@@ -48,7 +48,8 @@ def _config(tmp_path: Path, mirror_dir: str, shared: bool = True) -> Path:
         "model": {"id": MINILM},
         "tasks": ["glue/sst2"],
         "methods": {"lora": {"lrs": [1e-3, 2e-3]}},
-        "seeds": [0, 1, 2],
+        # 4 trials on 2 one-CPU nodes: the worker takes a second one while the head runs
+        "seeds": [0, 1],
         # ~100 steps: a trial lasts seconds, long enough to kill its node while it runs
         "budget": {"max_steps": 100, "batch_size": 4, "max_length": 24, "train_rows": 64,
                    "selection_rows": 16, "test_rows": 16},
@@ -174,5 +175,5 @@ def test_two_node_sweep_survives_a_killed_worker_and_a_rerun_completes(netns, tm
     redone = after.set_index("key").loc[sorted(victim_keys)]
     assert set(redone["ray_node_ip"]) == {two_node.HEAD_IP}
     board = pd.read_parquet(out / "leaderboard.parquet")
-    assert board.loc[0, "n_seeds"] == 3 and board.loc[0, "n_failed"] == 0
+    assert board.loc[0, "n_seeds"] == 2 and board.loc[0, "n_failed"] == 0
     print(f"two-node cluster test: {time.monotonic() - started:.0f} s")
