@@ -2,7 +2,8 @@
 
 A method sees a model and batches of tensors, nothing else: no Ray, no task, no data
 loading. A batch is a dict the model accepts as keyword arguments, including `labels`, so
-`model(**batch).loss` is the training loss (how data-informed inits get their gradients).
+`model(**model_inputs(batch)).loss` is the training loss, how data-informed inits get
+their gradients (`model_inputs` drops a distributed micro-batch's weight entry).
 """
 
 from __future__ import annotations
@@ -22,39 +23,47 @@ from methods.targets import default_target_modules
 Batch = dict[str, torch.Tensor]
 
 
+LOSS_WEIGHT_KEY = "__loss_weight__"
+"""The reserved batch entry holding a `WeightedBatch`'s weight (a float, not a tensor)."""
+
+
+def _checked_weight(value: Any) -> float:
+    weight = float(value)
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"a batch's loss weight must be finite and >= 0, got {weight}")
+    return weight
+
+
 class WeightedBatch(dict):
     """A batch whose mean loss counts `loss_weight` times where an init averages over
     batches. Distributed trials hand data-informed inits the micro-batches of each global
     batch as these, weighted by their share of its loss terms (a causal LM's labelled
     tokens), so the average over micro-batches equals the single-device average over whole
-    batches. `model(**batch)` sees only the tensors.
+    batches.
 
-    The weight belongs to the batch object, not to its tensors: a batch rebuilt as a plain
-    dict (`dict(batch)`, a comprehension over `batch.items()`) is an unweighted batch, which
-    is what `grad_estimator.example_batches` wants of its single examples (each example's
-    mean loss counts once). A rebuild that is the same batch keeps the weight:
-    `WeightedBatch(batch)`, `batch.copy()`, `batch | more`, `batch.to(device)` (which peft's
-    `move_inputs_to_device` calls), `batch.with_tensors(new_tensors)`.
+    The weight is an entry, `batch[LOSS_WEIGHT_KEY]`, so no copy can drop it silently:
+    `dict(batch)`, a comprehension over `batch.items()`, `batch.copy()`, `batch | more`,
+    `batch.to(device)` (which peft's `move_inputs_to_device` calls), deepcopy and pickle
+    all keep it. The price: the model is called as `model(**model_inputs(batch))`. A bare
+    `model(**batch)` is a TypeError for a forward with explicit keywords; transformers'
+    models take `**kwargs` and ignore the entry. A batch meant to be unweighted is built
+    from `model_inputs(batch)` (`grad_estimator.example_batches`).
     """
 
     def __init__(
         self, tensors: Mapping[str, Any] | None = None, loss_weight: float | None = None
     ) -> None:
         super().__init__(tensors or {})
-        if loss_weight is None:  # a copy of a weighted batch is that weighted batch
-            loss_weight = tensors.loss_weight if isinstance(tensors, WeightedBatch) else 1.0
-        self.loss_weight = loss_weight
+        # A copy of a weighted batch is that weighted batch; an explicit weight wins.
+        self.loss_weight = loss_weight if loss_weight is not None else self.loss_weight
 
     @property
     def loss_weight(self) -> float:
-        return self._loss_weight
+        return _checked_weight(self.get(LOSS_WEIGHT_KEY, 1.0))
 
     @loss_weight.setter
     def loss_weight(self, value: float) -> None:
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"a batch's loss weight must be finite and >= 0, got {value}")
-        self._loss_weight = value
+        self[LOSS_WEIGHT_KEY] = _checked_weight(value)
 
     def with_tensors(self, tensors: Mapping[str, Any]) -> WeightedBatch:
         """Another batch of the same examples (moved, cast, re-collated), same weight."""
@@ -70,15 +79,21 @@ class WeightedBatch(dict):
         return WeightedBatch(self)
 
     def __or__(self, other: Mapping[str, Any]) -> WeightedBatch:
-        return self.with_tensors({**self, **other})
+        return WeightedBatch({**self, **other})
 
     def __repr__(self) -> str:
-        return f"WeightedBatch({dict.__repr__(self)}, loss_weight={self.loss_weight:g})"
+        return f"WeightedBatch({model_inputs(self)!r}, loss_weight={self.loss_weight:g})"
 
 
-def loss_weight(batch: Batch) -> float:
-    """How many times the batch's mean loss counts (1 but for a `WeightedBatch`)."""
-    return batch.loss_weight if isinstance(batch, WeightedBatch) else 1.0
+def loss_weight(batch: Mapping[str, Any]) -> float:
+    """How many times the batch's mean loss counts: its `LOSS_WEIGHT_KEY` entry, else 1."""
+    return _checked_weight(batch.get(LOSS_WEIGHT_KEY, 1.0))
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model is called with: the batch's entries but its weight, as a plain
+    (unweighted) dict. Every `model(**...)` on a batch that may be weighted goes through it."""
+    return {k: v for k, v in batch.items() if k != LOSS_WEIGHT_KEY}
 
 
 class Hyperparams(BaseModel):

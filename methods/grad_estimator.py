@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pydantic import Field, model_validator
 from torch import nn
 
-from methods.base import Batch, Hyperparams, loss_weight
+from methods.base import Batch, Hyperparams, loss_weight, model_inputs
 
 
 @dataclass
@@ -85,7 +85,7 @@ def layer_gradients(
         model.train()  # the first training step sees the model in training mode
         count = 0
         for batch in batches:
-            loss = model(**batch).loss
+            loss = model(**model_inputs(batch)).loss
             weight = loss_weight(batch)  # a distributed micro-batch's share (WeightedBatch)
             (loss * weight if weight != 1.0 else loss).backward()
             count += 1
@@ -142,12 +142,16 @@ def _take_examples(batches: Iterator[Batch], quota: int) -> Iterator[Batch]:
     taken = 0
     for batch in batches:
         n = _batch_size(batch)
+        # Each example counts once, as on one device: a distributed micro-batch's weight
+        # is its share of the global batch's loss terms, not any one example's, so the
+        # examples are built from the model inputs alone (unweighted), never the weight.
+        tensors = model_inputs(batch)
         for i in range(n):
             if taken == quota:
                 return
             yield {
                 k: v[i : i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
-                for k, v in batch.items()
+                for k, v in tensors.items()
             }
             taken += 1
         if taken == quota:

@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from methods.base import Batch, loss_weight
+from methods.base import Batch, loss_weight, model_inputs
 from methods.grad_estimator import is_distributed
 
 LossKind = Literal["auto", "mse", "ce", "bce", "causal_lm", "token_ce"]
@@ -492,7 +492,7 @@ def collect_kfac(
                 fingerprints.append(batch_fingerprint(batch))
                 masks.clear()
                 masks.update(_batch_masks(batch, enc_dec))
-                out = model(**batch)
+                out = model(**model_inputs(batch))
                 logits = out.logits
                 labels = batch.get("labels")
                 kind = resolve_loss_kind(model, logits, labels, loss_kind)
@@ -668,7 +668,7 @@ def projected_gradients(
         with _FrozenForward(model, train_mode):
             for batch in batches:
                 fingerprints.append(batch_fingerprint(batch))
-                loss = model(**batch).loss
+                loss = model(**model_inputs(batch)).loss
                 weight = loss_weight(batch)  # a distributed micro-batch's share (WeightedBatch)
                 taps.backward(loss * weight if weight != 1.0 else loss)
                 taps.finish_batch()

@@ -43,7 +43,7 @@ from peft.utils.other import get_pattern_key
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from methods.base import Batch, PrepareContext
+from methods.base import Batch, PrepareContext, model_inputs
 from methods.peft_lora import LoraHyperparams, PeftLoraMethod, head_param_count
 from methods.registry import register_method
 
@@ -282,7 +282,7 @@ class PeftLoraInits(PeftLoraMethod):
     @torch.no_grad()
     def _run_corda(model: nn.Module, batches: list[Batch]) -> None:
         for example in single_examples(batches):
-            model(**example)
+            model(**model_inputs(example))
         if _distributed():  # every rank then computes the same W C decomposition
             for module in model.modules():
                 if torch.is_tensor(getattr(module, "covariance_matrix", None)):
@@ -306,7 +306,7 @@ class PeftLoraInits(PeftLoraMethod):
                     f"EVA's PCA did not converge within {EVA_MAX_PASSES} passes over "
                     f"{len(batches)} init batches (lower eva_config.tau or add init_batches)"
                 )
-            return peft_model(**inputs)
+            return peft_model(**model_inputs(inputs))
 
         token_level = "input_ids" in batches[0]
         initialize_lora_eva_weights(

@@ -20,7 +20,14 @@ from torch import nn
 
 import methods
 from harness import sanity
-from methods.base import Method, TrainCallback, WeightedBatch, loss_weight
+from methods.base import (
+    LOSS_WEIGHT_KEY,
+    Method,
+    TrainCallback,
+    WeightedBatch,
+    loss_weight,
+    model_inputs,
+)
 from methods.peft_lora import LoraHyperparams, PeftLoraMethod, matching_linear_layers
 from methods.plugin_adapter import AdapterLayer, PluginAdapterMethod
 from tests.builders import HEAD, LAYER, TARGETS, batch, ctx, logits, tiny_bert
@@ -248,18 +255,80 @@ def test_rebuilding_a_weighted_batch_keeps_its_weight():
         assert torch.equal(b["input_ids"], original["input_ids"]), how
     assert rebuilt["b.to(float64)"]["labels"].dtype == torch.float64
     assert WeightedBatch(original, loss_weight=0.5).loss_weight == 0.5  # explicit wins
-    # A plain dict is an unweighted batch (what example_batches' single examples are).
-    assert loss_weight(dict(original)) == 1.0 and loss_weight(batch(1)) == 1.0
+    assert loss_weight(batch(1)) == 1.0 and loss_weight(WeightedBatch(batch(1))) == 1.0
 
 
-def test_a_weighted_batch_is_still_what_the_model_sees_and_its_weight_is_checked():
+def test_a_plain_dict_copy_of_a_weighted_batch_keeps_its_weight():
+    original = weighted()
+    plain_copies = {
+        "dict(b)": dict(original),
+        "comprehension": {k: v for k, v in original.items()},
+        "{**b}": {**original},
+        "dict.copy(b)": dict.copy(original),
+    }
+    for how, b in plain_copies.items():
+        assert type(b) is dict and loss_weight(b) == 2.5, how
+        assert WeightedBatch(b).loss_weight == 2.5, how  # and it rebuilds as that batch
+
+
+def test_model_inputs_strip_only_the_weight_and_the_model_sees_the_same_tensors():
     b = weighted()
+    inputs = model_inputs(b)
+    assert type(inputs) is dict and set(inputs) == set(batch(1))
+    assert LOSS_WEIGHT_KEY in b and loss_weight(inputs) == 1.0  # the batch keeps its weight
+    assert all(inputs[k] is b[k] for k in inputs)  # no tensor copied
+    assert model_inputs(batch(1)).keys() == batch(1).keys()  # a plain batch passes as is
     model = tiny_bert()
-    torch.testing.assert_close(model(**b).logits, model(**batch(1)).logits)
-    assert set(b) == set(batch(1))  # no extra key reaches model(**b)
+    torch.testing.assert_close(model(**model_inputs(b)).logits, model(**batch(1)).logits)
+
+
+def test_a_weighted_batch_checks_its_weight():
+    b = weighted()
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite and >= 0"):
             b.loss_weight = bad
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            loss_weight(dict(batch(1), **{LOSS_WEIGHT_KEY: bad}))  # a hand-set entry too
+    assert b.loss_weight == 2.5
+
+
+class StrictRegression(nn.Module):
+    """A model whose forward takes exactly its inputs: an unknown keyword (a weight entry
+    that reached `model(**batch)`) is a TypeError, unlike transformers' `**kwargs`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(3, 1)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor):
+        loss = (self.proj(features).squeeze(-1) - labels).pow(2).mean()
+        return type("Output", (), {"loss": loss})()
+
+
+def test_the_init_estimators_call_the_model_with_model_inputs_and_examples_are_unweighted():
+    from methods.grad_estimator import example_batches, layer_gradients
+
+    generator = torch.Generator().manual_seed(3)
+    rows = {"features": torch.randn(4, 3, generator=generator), "labels": torch.randn(4)}
+    model = StrictRegression()
+    layers = {"proj": model.proj}
+    with pytest.raises(TypeError):
+        model(**WeightedBatch(rows, 2.0))  # what a forgotten model_inputs would do
+    examples = list(example_batches(iter([WeightedBatch(rows, 2.0)]), 4))
+    assert all(LOSS_WEIGHT_KEY not in e and loss_weight(e) == 1.0 for e in examples)
+    # Independent reference: each example's gradient by hand, summed once each.
+    expected = torch.zeros_like(model.proj.weight)
+    for i in range(4):
+        model.zero_grad()
+        residual = model.proj(rows["features"][i]).squeeze(-1) - rows["labels"][i]
+        residual.pow(2).backward()
+        expected += model.proj.weight.grad
+    model.zero_grad()
+    got = layer_gradients(model, layers, iter(examples)).pop_sum("proj")
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    whole = layer_gradients(model, layers, iter([WeightedBatch(rows, 2.0)])).pop_sum("proj")
+    torch.testing.assert_close(whole, 2.0 * expected / 4, atol=1e-6, rtol=1e-5)
 
 
 def test_a_moved_weighted_batch_still_counts_its_weight_in_the_gradient_estimate():

@@ -235,10 +235,11 @@ def _init_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from harness.deepspeed_config import batch_plan
     from harness.distributed import RankShares
+    from methods.base import model_inputs
 
     shares = RankShares(_causal_pipeline(), batch_plan(GLOBAL_BATCH, WORLD, MICRO), rank, "cpu")
     weighted = _init_gradients(shares.init_batches(seed=1)(2))
-    unweighted = _init_gradients(dict(b) for b in shares.init_batches(seed=1)(2))
+    unweighted = _init_gradients(model_inputs(b) for b in shares.init_batches(seed=1)(2))
     if rank == 0:
         torch.save({"weighted": weighted, "unweighted": unweighted}, out)
     dist.barrier()
