@@ -15,12 +15,14 @@ files beside it (no interaction).
 
 Sections: leaderboard (test mean +- std over seeds at the chosen LR, n seeds, chosen LR,
 failed/diverged counts, majority baseline; 95% CI and paired-vs-LoRA columns when
-leaderboard.parquet has them), score vs LR per task (selection split and test split, each
-labelled; every method of the study), training loss at the chosen LR (mean and a band
-over seeds, all methods of a task on the same axes), cost vs score with the Pareto front,
-published numbers (`harness.published.compare`), the mean rank of each method over tasks
-with a bootstrap interval and the seed papers' claims with verdicts (`harness.claims`),
-failed runs, method configurations, provenance.
+leaderboard.parquet has them, an interval over fewer than 3 seeds marked * with a
+footnote; a board written before `few_seeds` is shown as stored, with a warning), score vs
+LR per task (selection split and test split, each labelled; every method of the study),
+training loss at the chosen LR (mean and a band over seeds, all methods of a task on the
+same axes), cost vs score with the Pareto front, published numbers
+(`harness.published.compare`), the mean rank of each method over tasks with a bootstrap
+interval and the seed papers' claims with verdicts (`harness.claims`), failed runs, method
+configurations, provenance.
 Every text taken from the data is HTML-escaped (Markdown: table-escaped and HTML-escaped).
 """
 
@@ -42,7 +44,11 @@ import pandas as pd
 from harness import report_interactive
 from harness.plan import planned_keys
 from harness.results import (
+    CLIPPED_NOTE,
+    FEW_SEEDS_MARK,
+    FEW_SEEDS_NOTE,
     LEADERBOARD_FILE,
+    MIN_RELIABLE_SEEDS,
     RUNS_FILE,
     ResultsError,
     build_leaderboard,
@@ -497,6 +503,8 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
     headers += ["95% CI low" if c == "test_ci_low" else "95% CI high" for c in ci]
     headers += paired
     headers += ["trainable params", "init s", "train s", "peak MB", "samples/s"]
+    # A board written before `few_seeds` existed is shown as stored (_interval_notes says so).
+    marked = "few_seeds" in board.columns
     rows, keys = [], []
     for r in board.to_dict("records"):
         row = [
@@ -506,7 +514,8 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
             _fmt_any(r.get("n_failed")), _fmt_any(r.get("n_diverged")),
             fmt_score(r.get("majority_baseline")),
         ]  # fmt: skip
-        row += [fmt_score(r.get(c)) for c in ci]
+        few = marked and not _blank(r.get("few_seeds")) and bool(r.get("few_seeds"))
+        row += [_ci_text(r.get(c), few) for c in ci]
         row += [_fmt_any(r.get(c)) for c in paired]
         row += [
             fmt_int(r.get("trainable_params")), fmt_num(r.get("init_time_s")),
@@ -523,6 +532,40 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
                                 "samples_per_s")]
         )  # fmt: skip
     return Table(headers, rows, sort_keys=keys)
+
+
+def _ci_text(value: Any, few_seeds: bool) -> str:
+    text = fmt_score(value)
+    return f"{text}{FEW_SEEDS_MARK}" if few_seeds and text != NA else text
+
+
+def _interval_notes(board: pd.DataFrame) -> list[tuple[str, str]]:
+    """The footnote under the leaderboard: what its interval marks mean (or, for a board
+    written before intervals were cut and marked, that it is shown as stored)."""
+    if board.empty or "test_ci_low" not in board.columns:
+        return []
+    has_interval = board["test_ci_low"].notna()
+    if "few_seeds" not in board.columns:
+        seeds = pd.to_numeric(_col(board, "n_seeds"), errors="coerce")
+        few = int((has_interval & (seeds < MIN_RELIABLE_SEEDS)).sum())
+        if not few:
+            return []
+        return [
+            (
+                "warn",
+                f"{LEADERBOARD_FILE} predates the few_seeds and ci_clipped columns: its 95% "
+                f"intervals are shown as stored, not cut to the metric's range, and {few} "
+                f"row(s) have one over fewer than {MIN_RELIABLE_SEEDS} seeds (n < "
+                f"{MIN_RELIABLE_SEEDS} seeds: interval unreliable). `harness leaderboard` "
+                "rewrites it.",
+            )
+        ]
+    notes = []
+    if (has_interval & board["few_seeds"].fillna(False).astype(bool)).any():
+        notes.append(("p", FEW_SEEDS_NOTE + " (the n seeds column says how many)."))
+    if _col(board, "ci_clipped").fillna(False).astype(bool).any():
+        notes.append(("p", CLIPPED_NOTE + "."))
+    return notes
 
 
 def _published_section(board: pd.DataFrame, runs: pd.DataFrame) -> Section:
@@ -915,6 +958,7 @@ def _build_sections(
 
     leaderboard = _leaderboard_table(board)
     leaderboard_blocks: list[tuple[str, Any]] = [("ltable", leaderboard)]
+    leaderboard_blocks += _interval_notes(board)
     if len(board):
         from matplotlib.colors import to_hex
 

@@ -53,7 +53,7 @@ from harness.run_record import (
     arrow_schema,
     validate_row,
 )
-from harness.stats import ci95, paired_bootstrap
+from harness.stats import ci95, clip_interval, paired_bootstrap
 
 RUNS_FILE = "runs.parquet"
 REFERENCE = "lora"  # every method is compared with plain LoRA, paired by seed and item
@@ -66,16 +66,27 @@ LOCK_FILE = ".runs.lock"
 
 LEADERBOARD_COLUMNS = [
     "method", "task", "model_id", "test_metric", "test_mean", "test_std", "test_ci_low",
-    "test_ci_high", "n_seeds", "chosen_lr", "vs_lora_delta", "vs_lora_ci_low",
-    "vs_lora_ci_high", "vs_lora_within_noise", "selection_metric", "selection_mean",
-    "lrs_tried", "n_runs", "n_failed", "n_diverged", "majority_baseline", "test_metrics_mean",
-    "trainable_params",
+    "test_ci_high", "ci_clipped", "few_seeds", "n_seeds", "chosen_lr", "vs_lora_delta",
+    "vs_lora_ci_low", "vs_lora_ci_high", "vs_lora_within_noise", "selection_metric",
+    "selection_mean", "lrs_tried", "n_runs", "n_failed", "n_diverged", "majority_baseline",
+    "test_metrics_mean", "trainable_params",
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
     "git_commit", "device", "setting_key", "n_duplicate_rows", "lr_at_grid_edge",
     "n_planned", "n_missing", "partial",
 ]  # fmt: skip
 PARTIAL_MARK = "PARTIAL"
+# Below this many seeds a t-interval is too unstable to read: the row says `few_seeds`, and
+# the printed table and the report mark its interval with FEW_SEEDS_MARK and a footnote.
+MIN_RELIABLE_SEEDS = 3
+FEW_SEEDS_MARK = "*"
+FEW_SEEDS_NOTE = (  # not "* ..." at a line's start: Markdown would read a bullet
+    f"Intervals marked {FEW_SEEDS_MARK}: n < {MIN_RELIABLE_SEEDS} seeds: interval unreliable"
+)
+CLIPPED_NOTE = (
+    "95% CI: the Student-t interval over seeds, cut to the values the metric can take; "
+    f"where the raw interval was wider, {LEADERBOARD_FILE} has ci_clipped"
+)
 Planned = Mapping[tuple[str, str], set[str]]  # a sweep's keys per (method, task)
 
 
@@ -594,7 +605,9 @@ def build_leaderboard(
     keys per (method, task)) marks a row `partial` while any planned key has no finished
     run (ok, failed or diverged): an interrupted sweep's leaderboard says so in the file.
     `lr_at_grid_edge` says the chosen LR is the grid's smallest or largest (of >= 2): the
-    best LR may lie outside the grid.
+    best LR may lie outside the grid. test_ci_low/high is cut to the values the headline
+    metric can take (tasks/ declares them) and `ci_clipped` says it was; `few_seeds` marks
+    n_seeds < MIN_RELIABLE_SEEDS, whose interval is unreliable.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
@@ -668,7 +681,7 @@ def build_leaderboard(
                 selection_mean=float(by_lr.max()),
                 test_mean=float(best["test_score"].mean()),
                 test_std=float(best["test_score"].std(ddof=1)) if len(best) > 1 else float("nan"),
-                **dict(zip(("test_ci_low", "test_ci_high"), ci95(best["test_score"]), strict=True)),
+                **seed_interval(task, row["test_metric"], best["test_score"]),
                 n_seeds=int(best["seed"].nunique()),
                 seeds=json.dumps(sorted(int(s) for s in best["seed"])),
                 majority_baseline=float(best["majority_baseline"].mean()),
@@ -688,6 +701,8 @@ def build_leaderboard(
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
     notes = _compare_with_reference(runs, board) if compare else []
     board["n_duplicate_rows"] = board["n_duplicate_rows"].fillna(0).astype("int64")
+    board["ci_clipped"] = board["ci_clipped"].astype("boolean")  # NA: no interval
+    board["few_seeds"] = (board["n_seeds"] < MIN_RELIABLE_SEEDS).astype(bool)
     board["partial"] = board["partial"].astype("boolean")  # NA: no plan known
     board["lr_at_grid_edge"] = board["lr_at_grid_edge"].astype("boolean")
     for column in ("n_planned", "n_missing"):
@@ -699,6 +714,31 @@ def build_leaderboard(
     board = board.reset_index(drop=True)
     board.attrs["warnings"] = notes
     return board
+
+
+def metric_value_range(task_id: str, metric: str | None) -> tuple[float, float]:
+    """The values a task's headline metric can take, as tasks/ declares them (by the
+    metric's name alone for a task this checkout does not know); unbounded if undeclared."""
+    import tasks  # here, not at the top: importing every task family is slow
+    from tasks.base import UNBOUNDED, metric_range
+
+    if metric is None:
+        return UNBOUNDED
+    try:
+        task = tasks.get_task(task_id)
+    except KeyError:
+        return metric_range(metric)
+    return task.metric_range(metric)
+
+
+def seed_interval(task_id: str, metric: str | None, scores: pd.Series) -> dict[str, Any]:
+    """test_ci_low/high: the t-interval over seeds cut to the metric's range; ci_clipped:
+    whether the raw interval was wider than the metric allows (absent: no interval)."""
+    low, high = ci95(scores)
+    if not np.isfinite([low, high]).all():
+        return {"test_ci_low": low, "test_ci_high": high}
+    low, high, clipped = clip_interval(low, high, metric_value_range(task_id, metric))
+    return {"test_ci_low": low, "test_ci_high": high, "ci_clipped": clipped}
 
 
 def _headline_items(run: pd.Series) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -908,10 +948,7 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             "metric": board["test_metric"],
             "test mean": board["test_mean"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
             "± std": board["test_std"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
-            "95% CI": [
-                f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "-"
-                for lo, hi in zip(board["test_ci_low"], board["test_ci_high"], strict=True)
-            ],
+            "95% CI": [_ci_cell(r) for r in board.itertuples()],
             "vs lora": [_vs_lora(r) for r in board.itertuples()],
             "seeds": board["n_seeds"],
             "lr": [
@@ -932,4 +969,26 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             f"{PARTIAL_MARK} {r.n_missing}/{r.n_planned} missing" if _flag(r.partial) else "yes"
             for r in board.itertuples()
         ]
-    return tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+    table = tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+    notes = []  # after a blank line: Markdown would read a line right below as a table row
+    if any(_few_seeds(r) and pd.notna(r.test_ci_low) for r in board.itertuples()):
+        notes.append(FEW_SEEDS_NOTE)
+    if "ci_clipped" in board.columns and board["ci_clipped"].fillna(False).astype(bool).any():
+        notes.append(CLIPPED_NOTE)
+    return "\n\n".join([table, *notes])
+
+
+def _few_seeds(row) -> bool:
+    """A row's few_seeds flag; from n_seeds for a board written before the column."""
+    flag = getattr(row, "few_seeds", None)
+    if flag is None or pd.isna(flag):
+        return bool(pd.notna(row.n_seeds) and row.n_seeds < MIN_RELIABLE_SEEDS)
+    return bool(flag)
+
+
+def _ci_cell(row) -> str:
+    """`[low, high]`, marked `* (n=2)` when too few seeds stand behind it."""
+    if pd.isna(row.test_ci_low):
+        return "-"
+    cell = f"[{row.test_ci_low:.3f}, {row.test_ci_high:.3f}]"
+    return f"{cell}{FEW_SEEDS_MARK} (n={int(row.n_seeds)})" if _few_seeds(row) else cell

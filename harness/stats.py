@@ -26,6 +26,21 @@ def ci95(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean() - half), float(x.mean() + half)
 
 
+def clip_interval(
+    low: float, high: float, value_range: tuple[float, float]
+) -> tuple[float, float, bool]:
+    """(low, high) cut to the values the metric can take, and whether an end was cut.
+
+    A t-interval over few seeds can run past what any mean of the metric can reach (above 1
+    for an accuracy); the cut interval says what is possible, the flag that the raw one was
+    wider. A non-finite interval (fewer than 2 seeds) is returned as it is, not cut."""
+    if not np.isfinite([low, high]).all():
+        return low, high, False
+    floor, ceiling = value_range
+    clipped = bool(low < floor or high > ceiling)
+    return float(np.clip(low, floor, ceiling)), float(np.clip(high, floor, ceiling)), clipped
+
+
 def paired_bootstrap(
     a: Sequence[tuple[np.ndarray, np.ndarray | None]],
     b: Sequence[tuple[np.ndarray, np.ndarray | None]],

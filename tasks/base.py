@@ -6,6 +6,8 @@ metrics; the harness runs the model in between.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -17,6 +19,30 @@ import pandas as pd
 # text-to-text when the model is an encoder-decoder (harness.pipelines.head_kind), through
 # the task's `text_to_text()` form.
 HeadKind = Literal["classification", "regression", "causal_lm", "image_classification", "seq2seq"]
+
+# The values each metric can take, by name: the one declaration of metric ranges (the
+# leaderboard clips an interval over seeds to it). A name not listed (a loss, a perplexity)
+# is unbounded. `metric_range` reads a split-qualified name ("matched/accuracy") by its last
+# part, and any pass@<k> as "pass@k".
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "f1": (0.0, 1.0),
+    "exact_match": (0.0, 1.0),
+    "pass@k": (0.0, 1.0),
+    "mcc": (-1.0, 1.0),  # Matthews correlation
+    "pearson": (-1.0, 1.0),
+    "spearman": (-1.0, 1.0),
+}
+UNBOUNDED = (-math.inf, math.inf)
+PASS_AT_K = re.compile(r"pass@\d+")
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """(lowest, highest) value of the metric named `metric`; UNBOUNDED when not declared."""
+    name = metric.split("/")[-1]
+    if PASS_AT_K.fullmatch(name):
+        name = "pass@k"
+    return METRIC_RANGES.get(name, UNBOUNDED)
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,12 @@ class Task:
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
+
+    def metric_range(self, metric: str) -> tuple[float, float]:
+        """The values `metric` (a key of this task's metrics) can take. A task whose own
+        metric's name is not in METRIC_RANGES (a suite average) says which declared metric
+        it is a range of."""
+        return metric_range(metric)
 
     def text_to_text(self) -> TextToText | None:
         """The task's text-to-text form for encoder-decoder models; None: it has none."""

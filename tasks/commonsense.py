@@ -83,6 +83,10 @@ class CommonsenseTask(GenerativeTask):
         per_set = [test_metrics[f"{name}/accuracy"] for name in self.test_sets]
         return {**test_metrics, "average": float(np.mean(per_set))}
 
+    def metric_range(self, metric: str) -> tuple[float, float]:
+        # "average" is a mean of per-set accuracies, so it has an accuracy's range.
+        return super().metric_range("accuracy" if metric == "average" else metric)
+
     def _train(self, data_dir) -> tuple[pd.DataFrame, dict]:
         raise NotImplementedError
 
