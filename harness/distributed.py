@@ -54,7 +54,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -506,14 +506,12 @@ def _run_rank(
     row["peak_memory_mb"] = _all_reduce_max(peak, device)
     row["peak_memory_kind"] = f"{kind} (max over {world} ranks)"
     samples = total_steps * plan.global_batch
-    losses = result["losses"]
-    tail = losses[-max(1, len(losses) // 10) :]  # as harness.train: the last 10% of steps
     row.update(
         steps=total_steps,
         train_time_s=result["train_time"],
         samples_per_s=samples / result["train_time"],
         tokens_per_s=result["tokens"] / result["train_time"],
-        final_train_loss=sum(tail) / len(tail),
+        final_train_loss=result["final_loss"],
         loss_curve=json.dumps(result["curve"]),
         eval_curve=json.dumps(result["eval_curve"]),
     )
@@ -571,13 +569,14 @@ def _train(
 ) -> dict[str, Any]:
     """Optimizer steps from `state["step"] + 1`; DeepSpeed accumulates (and clips, unless
     `on_boundary` does). The method's callbacks run after each optimizer step, through
-    `access` (ZeroParamAccess). Every rank calls the live reports (`ray.train.report` is
-    collective); rank 0's reach Tune (harness.tracking's fields, as on one device)."""
+    `access` (ZeroParamAccess). The losses follow harness.train's `LossHistory`, as on one
+    device. Every rank calls the live reports (`ray.train.report` is collective); rank 0's
+    reach Tune (harness.tracking's fields, as on one device)."""
     import ray.train
     import torch.distributed as tdist
 
     from harness.tracking import FINAL, STEP, report_interval
-    from harness.train import check_divergence
+    from harness.train import LossHistory
 
     interval = report_interval(report_every, total_steps) if report_every != 0 else 0
 
@@ -585,8 +584,8 @@ def _train(
         ray.train.report({**metrics, STEP: metrics["step"], FINAL: False})
 
     dist = spec.distributed
-    every = max(1, total_steps // 50)  # the loss-curve resolution of harness.train.train
-    losses, curve, eval_curve = state["losses"], state["curve"], state["eval_curve"]
+    history = LossHistory(total_steps, state["losses"], state["curve"])
+    eval_curve = state["eval_curve"]
     train_time, tokens = state["train_time"], state["tokens"]
     steps = shares.steps(spec.seed)
     for _ in range(state["step"]):  # a restored run skips the global batches already seen
@@ -607,12 +606,8 @@ def _train(
         train_time += time.perf_counter() - started
         if step == fail_at:
             raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
-        check_divergence(step, loss_value, losses)
-        losses.append(loss_value)
+        history.record(step, loss_value)  # the loss is all-reduced: every rank agrees
         tokens += int(step_tokens)
-        if step % every == 0 or step == total_steps:
-            window = losses[-every:]
-            curve.append((step, sum(window) / len(window)))
         if interval and step % interval == 0:
             norm = engine.get_global_grad_norm()
             report({"step": step, "train_loss": loss_value, "lr": float(engine.get_lr()[0]),
@@ -624,11 +619,12 @@ def _train(
                 report({"step": step, "selection_score": eval_curve[-1][1]})
         if dist.checkpoint_every_steps and step % dist.checkpoint_every_steps == 0:
             if step < total_steps:
-                state.update(step=step, losses=losses, curve=curve, eval_curve=eval_curve,
-                             train_time=train_time, tokens=tokens)  # fmt: skip
+                state.update(step=step, losses=history.losses, curve=history.curve,
+                             eval_curve=eval_curve, train_time=train_time,
+                             tokens=tokens)  # fmt: skip
                 _save_checkpoint(engine, state, {"step": step, "loss": loss_value})
-    return {"losses": losses, "curve": curve, "eval_curve": eval_curve,
-            "train_time": train_time, "tokens": tokens}  # fmt: skip
+    return {"losses": history.losses, "curve": history.curve, "final_loss": history.final_loss,
+            "eval_curve": eval_curve, "train_time": train_time, "tokens": tokens}  # fmt: skip
 
 
 def global_batch_step(engine, micro: list, loss_terms, on_boundary=None) -> float:
@@ -661,40 +657,42 @@ def global_batch_step(engine, micro: list, loss_terms, on_boundary=None) -> floa
 def micro_step(
     engine, batch: dict[str, torch.Tensor], on_boundary=None, weight: float = 1.0
 ) -> torch.Tensor:
-    """One micro-batch through the engine, its loss scaled by `weight` for the backward;
-    `on_boundary()` runs once the step's gradients are complete (reduced over ranks and
-    micro-batches), before the optimizer step. Returns the unscaled loss."""
+    """One micro-batch through the engine, its loss scaled by `weight` for the backward.
+    Once the step's gradients are complete (reduced over ranks and micro-batches),
+    `on_boundary(engine.step)` takes the boundary step (`ClipAndTransform`); otherwise
+    `engine.step()` only counts the micro-batch, or at the boundary clips (DeepSpeed's own)
+    and steps. Returns the unscaled loss."""
     loss = engine(**batch).loss
     engine.backward(loss * weight if weight != 1.0 else loss)
     if on_boundary is not None and engine.is_gradient_accumulation_boundary():
-        on_boundary()
-    engine.step()
+        on_boundary(engine.step)
+    else:
+        engine.step()
     return loss
 
 
 class ClipAndTransform:
-    """Clip the full gradients by their global norm (torch's `clip_grad_norm_` formula),
-    then apply the method's gradient transform: harness.train.train_step's order, at ZeRO's
-    accumulation boundary. Reads and writes go through ZeroParamAccess (collective), so the
-    transform sees whole matrices although the optimizer holds flat partitions."""
+    """harness.train's `boundary_step` at ZeRO's accumulation boundary: clip the full
+    gradients of the trainable parameters by their global norm, apply the method's gradient
+    transform, then `update` (`engine.step()`) - the single-device step's code and order.
+    Reads and writes go through ZeroParamAccess (collective), so the transform sees whole
+    matrices although the optimizer holds flat partitions."""
 
     def __init__(self, module, access, transform, max_grad_norm: float | None) -> None:
-        self.named = trainable_parameters(module)
+        named = trainable_parameters(module)
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
         self.access = access
         self.transform = transform
         self.max_grad_norm = max_grad_norm
 
-    @torch.no_grad()
-    def __call__(self) -> None:
-        grads = {name: self.access.read_grad(p) for name, p in self.named}
-        if self.max_grad_norm is not None:
-            total = torch.nn.utils.get_total_norm(list(grads.values()))
-            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-            grads = {name: g * coef for name, g in grads.items()}
-        params = {name: self.access.read(p) for name, p in self.named}
-        grads.update(self.transform(params, grads))
-        for name, p in self.named:
-            self.access.write_grad(p, grads[name])
+    def __call__(self, update: Callable[[], None]) -> None:
+        from harness.train import boundary_step
+
+        boundary_step(
+            self.params, self.access, update, max_grad_norm=self.max_grad_norm,
+            transform=self.transform, names=self.names,
+        )  # fmt: skip
 
 
 class ZeroParamAccess:

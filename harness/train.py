@@ -1,11 +1,21 @@
-"""The training loop and batched evaluation, shared by trials and the benchmark."""
+"""The training step and loop, and batched evaluation, shared by trials and the benchmark.
+
+What one optimizer step is lives here once, for this single-device loop and the ZeRO loop
+of harness.distributed alike: the boundary step (`boundary_step`: clip the step's full
+gradients, apply the method's gradient transform, then the optimizer and LR-schedule step,
+through a `GradientAccess`) and the rules the losses are reported by (`LossHistory`:
+divergence, the loss curve, the final loss). The distributed loop adds only what is
+distributed: micro-batches through the DeepSpeed engine, all-reduced losses, ZeRO's
+parameter access, checkpoints.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,6 +47,41 @@ def check_divergence(step: int, loss: float, losses: list[float]) -> None:
         )
 
 
+@dataclass
+class LossHistory:
+    """A run's training losses, step by step, and the rules both loops report them by.
+
+    `record` raises Diverged (`check_divergence`), else keeps the loss; every `curve_every`
+    steps, and at the last, the loss curve gets the mean of the latest `curve_every` losses;
+    `final_loss` is the mean over the last 10% of steps (at least 1). A restored run
+    (harness.distributed) passes its checkpoint's lists, extended in place."""
+
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def curve_every(self) -> int:
+        return max(1, self.total_steps // 50)
+
+    def record(self, step: int, loss: float) -> None:
+        check_divergence(step, loss, self.losses)
+        self.losses.append(loss)
+        if step % self.curve_every == 0 or step == self.total_steps:
+            self.curve.append((step, _mean(self.losses[-self.curve_every :])))
+
+    @property
+    def final_loss(self) -> float:
+        return _mean(self.losses[-max(1, len(self.losses) // 10) :])
+
+
+def _mean(values: list[float]) -> float:
+    # Left to right in float64. One device's float32 losses sum exactly while they span
+    # less than ~5 orders of magnitude, so any summation order gives the same mean; the ZeRO
+    # loop's float64 losses (all-reduced quotients) round, so the order is part of the value.
+    return sum(values) / len(values)
+
+
 def planned_steps(budget, train_rows: int) -> int:
     """Optimizer steps of a trial: `max_steps`, else `epochs` x full batches per epoch (the
     loaders drop an epoch's incomplete last batch, on one device and distributed alike)."""
@@ -45,6 +90,112 @@ def planned_steps(budget, train_rows: int) -> int:
     if budget.max_steps:
         return budget.max_steps
     return math.ceil(budget.epochs * (train_rows // budget.batch_size))
+
+
+class GradientAccess(Protocol):
+    """How the boundary step reaches the trainable parameters and their gradients, as full
+    tensors: the tensors themselves on one device (`LocalGradients`); under ZeRO, assembled
+    from and scattered back to the optimizer's partitions (harness.distributed's
+    ZeroParamAccess, whose every call is collective)."""
+
+    def read(self, param: nn.Parameter) -> torch.Tensor:
+        """The full parameter value."""
+        ...
+
+    def read_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The full gradient of this step (after the backward, before the optimizer step)."""
+        ...
+
+    def write_grad(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Make `value` the gradient the optimizer steps with."""
+        ...
+
+
+class LocalGradients:
+    """GradientAccess on one device: `read_grad` is `.grad` itself, so clipping scales it in
+    place and only the gradients the transform replaced are copied back."""
+
+    def read(self, param: nn.Parameter) -> torch.Tensor:
+        return param.detach()
+
+    def read_grad(self, param: nn.Parameter) -> torch.Tensor:
+        return param.grad
+
+    def write_grad(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        if value is not param.grad:
+            param.grad.copy_(value)
+
+
+class _BareGradient:
+    """A gradient as torch's clipping helpers take it: they scale the `.grad` of what they
+    are given, and ZeRO's assembled gradients belong to no parameter."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor) -> None:
+        self.grad = grad
+
+
+@torch.no_grad()
+def clip_then_transform(
+    params: Sequence[nn.Parameter],
+    access: GradientAccess,
+    max_grad_norm: float | None,
+    transform: GradientTransform | None = None,
+    names: Sequence[str] | None = None,
+    measure_norm: bool = False,
+) -> torch.Tensor | None:
+    """Clip the step's full gradients of `params` to `max_grad_norm` by their global norm
+    (torch's `clip_grad_norm_`: its norm, formula and kernels), then run the method's
+    `transform` on the clipped gradients, keyed by `names`, and write back every gradient
+    through `access`. Returns the global norm before clipping when it clips or
+    `measure_norm` asks for it, else None."""
+    grads = [access.read_grad(p) for p in params]
+    norm = None
+    if max_grad_norm is not None or measure_norm:
+        norm = torch.nn.utils.get_total_norm(grads)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_([_BareGradient(g) for g in grads], max_grad_norm, norm)
+    if transform is not None:
+        if names is None:
+            raise ValueError("a gradient transform needs the parameters' names")
+        rewritten = transform(
+            {name: access.read(p) for name, p in zip(names, params, strict=True)},
+            dict(zip(names, grads, strict=True)),
+        )
+        grads = [rewritten.get(name, grad) for name, grad in zip(names, grads, strict=True)]
+    for param, grad in zip(params, grads, strict=True):
+        access.write_grad(param, grad)
+    return norm
+
+
+def boundary_step(
+    params: Sequence[nn.Parameter],
+    access: GradientAccess,
+    update: Callable[[], None],
+    *,
+    max_grad_norm: float | None,
+    transform: GradientTransform | None = None,
+    names: Sequence[str] | None = None,
+    measure_norm: bool = False,
+) -> torch.Tensor | None:
+    """The step once a batch's gradients are complete: clip, then the method's transform
+    (`clip_then_transform`), then `update()` - the optimizer step and the LR schedule's
+    (DeepSpeed's `engine.step()` under ZeRO). Clipping before the transform is the methods'
+    order (LoRA-One preconditions clipped gradients). With nothing to clip, transform or
+    measure, no gradient is read (under ZeRO a read is a collective). Returns the norm as
+    `clip_then_transform` does."""
+    norm = None
+    if max_grad_norm is not None or transform is not None or measure_norm:
+        norm = clip_then_transform(params, access, max_grad_norm, transform, names, measure_norm)
+    update()
+    return norm
+
+
+def parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
+    """The names `model` gives `params` (a gradient transform finds LoRA pairs by name)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
 
 
 def train_step(
@@ -58,38 +209,45 @@ def train_step(
 ) -> float:
     """One optimizer step; returns the loss. The benchmark times exactly this function.
 
-    Order: backward, clip, the method's gradient transform (LoRA-One's preconditioners),
-    optimizer step - the order harness.distributed reproduces under ZeRO. With `stats`, it
-    also records the gradient norm before clipping (`grad_norm`) and the first param
-    group's LR of this step (`lr`); only asked on reporting steps (`.item()` syncs a GPU)."""
+    Forward and backward of the one batch, then `boundary_step` over the optimizer's
+    parameters: the step harness.distributed takes at ZeRO's accumulation boundary. With
+    `stats`, it also records the gradient norm before clipping (`grad_norm`) and the first
+    param group's LR of this step (`lr`); only asked on reporting steps (`.item()` syncs a
+    GPU)."""
     loss = model(**batch).loss
     loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if max_grad_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    elif stats is not None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # The optimizer's order (LoRA+ groups): the order the global norm sums the gradients in.
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if stats is not None:
+        stats["lr"] = float(optimizer.param_groups[0]["lr"])
+
+    def update() -> None:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    norm = boundary_step(
+        params,
+        LocalGradients(),
+        update,
+        max_grad_norm=max_grad_norm,
+        transform=grad_transform,
+        # Named only for a transform: naming walks every module, on every step.
+        names=parameter_names(model, params) if grad_transform is not None else None,
+        measure_norm=stats is not None,
+    )
     if stats is not None:
         stats["grad_norm"] = float(norm)
-        stats["lr"] = float(optimizer.param_groups[0]["lr"])
-    if grad_transform is not None:
-        apply_gradient_transform(model, grad_transform)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
 
-@torch.no_grad()
 def apply_gradient_transform(model: nn.Module, grad_transform: GradientTransform) -> None:
     """Run the transform on the trainable parameters' gradients; write back what it returns."""
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    rewritten = grad_transform(
-        {n: p.detach() for n, p in named.items()}, {n: p.grad for n, p in named.items()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    clip_then_transform(
+        [p for _, p in named], LocalGradients(), None, grad_transform, [n for n, _ in named]
     )
-    for name, grad in rewritten.items():
-        named[name].grad.copy_(grad)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -163,8 +321,7 @@ def train(
     `report_every` steps and {step, selection_score} after each intermediate evaluation;
     reporting is outside the timed step."""
     scheduler = SCHEDULES[schedule](optimizer, total_steps, warmup_ratio)
-    losses: list[float] = []
-    curve: list[tuple[int, float]] = []
+    history = LossHistory(total_steps)
     eval_curve: list[tuple[int, float]] = []
     samples = tokens = 0
     train_time = 0.0
@@ -175,18 +332,13 @@ def train(
         reporting = on_report is not None and bool(report_every) and step % report_every == 0
         stats: dict[str, float] | None = {} if reporting else None
         started = time.perf_counter()
-        loss = train_step(
-            model, batch, optimizer, scheduler, max_grad_norm, grad_transform, stats
-        )
+        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm, grad_transform, stats)
         for cb in callbacks:
             cb.on_step_end(step, model, optimizer)
         train_time += time.perf_counter() - started
-        check_divergence(step, loss, losses)
-        losses.append(loss)
+        history.record(step, loss)
         samples += int(batch["labels"].shape[0])
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-        if step % max(1, total_steps // 50) == 0 or step == total_steps:
-            curve.append((step, float(np.mean(losses[-max(1, total_steps // 50) :]))))
         if stats is not None:
             on_report({"step": step, "train_loss": loss, **stats})
         if evaluate and evaluate_every and step % evaluate_every == 0 and step < total_steps:
@@ -196,14 +348,13 @@ def train(
                 on_report({"step": step, "selection_score": eval_curve[-1][1]})
         if on_progress:
             on_progress(step, loss)
-    tail = losses[-max(1, len(losses) // 10) :]
     return TrainResult(
         steps=total_steps,
         train_time_s=train_time,
         samples=samples,
         tokens=tokens,
-        final_loss=float(np.mean(tail)),
-        loss_curve=curve,
+        final_loss=history.final_loss,
+        loss_curve=history.curve,
         eval_curve=eval_curve,
     )
 
