@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The offline data mirror; unset it (HARNESS_DATA_DIR=) to read GLUE from the hub instead.
 export HARNESS_DATA_DIR ?= $(abspath ../shared/data)
-CONFIG ?= harness/configs/glue_minilm_main.yaml
+CONFIG ?= harness/configs/glue_minilm_seed_methods.yaml
 
 .PHONY: setup main test lint bench
 

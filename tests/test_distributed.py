@@ -120,7 +120,9 @@ def test_valid_distributed_and_smoke_configs():
         validate_config(sweep_config(distributed={"gpus_per_trial": 1}))  # no GPU reserved
 
 
-@pytest.mark.parametrize("name", ["glue-minilm-long", "glue-minilm-main"])
+@pytest.mark.parametrize(
+    "name", ["glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods"]
+)
 def test_committed_results_keep_their_keys(mirror_dir, name):
     """The committed runs were re-keyed to the current key version (the long sweep's from
     version 1, through 2): their config still expands to exactly those keys, so resuming or
