@@ -230,3 +230,32 @@ def result_row(method, lr, seed, select, test, status="ok", task="glue/sst2") ->
         "model_revision": "r",
         "method_config": "{}",
     }
+
+
+def two_rank_sweep_file(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> Path:
+    """A sweep YAML of tiny-BERT trials on 2 gloo ranks under ZeRO-3 (`dist` overrides the
+    distributed section). 8 train rows = one global batch: every step sees the same
+    examples, so the loss must fall; micro 2 x accumulation 2 x 2 ranks = 8."""
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "dist",
+                "model": {"id": str(tiny_bert_folder(tmp_path / "tiny-bert"))},
+                "tasks": ["glue/sst2"],
+                "methods": methods,
+                "seeds": [0],
+                "budget": {"max_steps": 10, "batch_size": 8, "max_length": 32, "train_rows": 8,
+                           "selection_rows": 16, "test_rows": 16, "warmup_ratio": 0.0},
+                "eval": {"batch_size": 16},
+                "distributed": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 3,
+                                "micro_batch_size": 2, **dist},
+                "output_dir": str(tmp_path / "out"),
+                "data_dir": mirror_dir,
+            }
+        )
+    )  # fmt: skip
+    return config

@@ -16,7 +16,7 @@ from harness.config import ConfigError, DistributedConfig, expand, load_config, 
 from harness.deepspeed_config import BatchError, BatchPlan, batch_plan, render
 from harness.distributed import check_storage, derived_max_concurrent, is_shared_storage
 from harness.memory_estimate import estimate, meta_model
-from tests.builders import sweep_config, tiny_bert_folder
+from tests.builders import sweep_config, two_rank_sweep_file
 from tests.conftest import REPO, with_identity
 
 # ---------------------------------------------------------------- (a) DeepSpeed configs
@@ -350,31 +350,6 @@ def test_load_dtype_follows_training_precision_unless_set():
 # ---------------------------------------------------------------- (c) 2 workers, ZeRO-3, gloo
 
 
-def _sweep_file(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> Path:
-    config = tmp_path / "sweep.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "name": "dist",
-                "model": {"id": str(tiny_bert_folder(tmp_path / "tiny-bert"))},
-                "tasks": ["glue/sst2"],
-                "methods": methods,
-                "seeds": [0],
-                # 8 train rows = one global batch: every step sees the same examples, so the
-                # loss must fall; micro 2 x accumulation 2 x 2 ranks = 8.
-                "budget": {"max_steps": 10, "batch_size": 8, "max_length": 32, "train_rows": 8,
-                           "selection_rows": 16, "test_rows": 16, "warmup_ratio": 0.0},
-                "eval": {"batch_size": 16},
-                "distributed": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 3,
-                                "micro_batch_size": 2, **dist},
-                "output_dir": str(tmp_path / "out"),
-                "data_dir": mirror_dir,
-            }
-        )
-    )  # fmt: skip
-    return config
-
-
 @pytest.mark.slow
 def test_a_two_worker_zero3_sweep_trains_saves_its_adapter_and_reports_live(
     tmp_path, mirror_dir, capsys, monkeypatch
@@ -392,7 +367,7 @@ def test_a_two_worker_zero3_sweep_trains_saves_its_adapter_and_reports_live(
     from harness import adapters, tracking
     from harness.cli import main
 
-    config = _sweep_file(tmp_path, mirror_dir, {"lora": {"lrs": [1e-2], "overrides": {
+    config = two_rank_sweep_file(tmp_path, mirror_dir, {"lora": {"lrs": [1e-2], "overrides": {
         "rank": 4, "alpha": 8}}})  # fmt: skip
     raw = yaml.safe_load(config.read_text())
     raw["save_adapters"] = "all"
@@ -462,7 +437,9 @@ def test_a_failed_worker_group_restarts_from_its_deepspeed_checkpoint(
 
     monkeypatch.setenv(FAIL_ONCE_ENV, "6")  # both workers raise at step 6, once
     methods = {"lora": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8}}}
-    config = _sweep_file(tmp_path, mirror_dir, methods, checkpoint_every_steps=4, max_failures=1)
+    config = two_rank_sweep_file(
+        tmp_path, mirror_dir, methods, checkpoint_every_steps=4, max_failures=1
+    )
     assert main(["sweep", str(config)]) == 0
     row = pd.read_parquet(tmp_path / "out" / "runs.parquet").iloc[0]
     assert row["status"] == "ok", row["error"]

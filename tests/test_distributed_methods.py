@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from methods.sds_lora import refresh_steps
-from tests.builders import tiny_bert_folder
+from tests.builders import two_rank_sweep_file
 
 
 def _resolved_specs(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> list[dict]:
@@ -24,28 +23,7 @@ def _resolved_specs(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> l
     from harness import identity
     from harness.config import expand, load_config
 
-    config = tmp_path / "sweep.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "name": "dist-methods",
-                "model": {"id": str(tiny_bert_folder(tmp_path / "tiny-bert"))},
-                "tasks": ["glue/sst2"],
-                "methods": methods,
-                "seeds": [0],
-                # 8 train rows = one global batch: every step sees the same examples, so the
-                # loss must fall; micro 2 x accumulation 2 x 2 ranks = 8.
-                "budget": {"max_steps": 10, "batch_size": 8, "max_length": 32, "train_rows": 8,
-                           "selection_rows": 16, "test_rows": 16, "warmup_ratio": 0.0},
-                "eval": {"batch_size": 16},
-                "distributed": {"workers": 2, "cpus_per_worker": 0.5, "zero_stage": 3,
-                                "micro_batch_size": 2, **dist},
-                "output_dir": str(tmp_path / "out"),
-                "data_dir": mirror_dir,
-            }
-        )
-    )  # fmt: skip
-    cfg = load_config(config)
+    cfg = load_config(two_rank_sweep_file(tmp_path, mirror_dir, methods, **dist))
     cfg = cfg.model_copy(update={"data_dir": cfg.resolved_data_dir()})
     return [s.model_dump(mode="json") for s in identity.resolve(expand(cfg))]
 
@@ -138,7 +116,7 @@ def test_sds_lora_schedule_runs_under_zero_through_param_access(tmp_path, mirror
         spec
         for stage in (2, 3)
         for spec in _resolved_specs(
-            _made(tmp_path / f"zero{stage}"), mirror_dir, methods, zero_stage=stage
+            tmp_path / f"zero{stage}", mirror_dir, methods, zero_stage=stage
         )  # fmt: skip
     ]
     rows = _rows_from_one_worker_group(specs, tmp_path / "train")
@@ -155,44 +133,3 @@ def test_sds_lora_schedule_runs_under_zero_through_param_access(tmp_path, mirror
         losses = [loss for _, loss in json.loads(row["loss_curve"])]
         assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
 
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.mark.slow
-def test_data_informed_and_preconditioned_methods_start_identically_under_zero3(
-    tmp_path, mirror_dir
-):
-    """LoRA-GA: peft's randomized SVD after rank-specific forward passes (dropout), the hard
-    case for identical inits, and a W0 offset that rewrites base weights. LoRA-One with the
-    paper's preconditioners: the harness clips and preconditions the assembled full
-    gradients at the accumulation boundary (DeepSpeed's clipping off)."""
-    pytest.importorskip("deepspeed")
-    methods = {
-        "lora_ga": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1}},
-        "lora_one": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8, "init_batches": 1,
-                                                  "optimizer": "precond_adamw"}},
-    }  # fmt: skip
-    specs = _resolved_specs(tmp_path, mirror_dir, methods)
-    rows = {row["method"]: row for row in _rows_from_one_worker_group(specs, tmp_path / "train")}
-    assert set(rows) == set(methods)
-    for method, row in rows.items():
-        assert row["status"] == "ok", (method, row["error"], row.get("traceback"))
-        dist = json.loads(row["distributed"])
-        assert dist["micro_batch"] == 2 and dist["accumulation"] == 2
-        # Bit-identical adapters on both ranks, from the gradient all-reduced over the
-        # ranks' different micro-batches.
-        assert len(dist["init_digests"]) == 2 and len(set(dist["init_digests"])) == 1, method
-        losses = [loss for _, loss in json.loads(row["loss_curve"])]
-        assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0] - 0.1, (method, losses)
-        assert row["trainable_params"] == row["expected_trainable_params"], method
-        assert row["sanity_merge"].startswith("merged == unmerged"), method
-    assert rows["lora_ga"]["init_time_s"] > 0
-    assert rows["lora_ga"]["sanity_init"].startswith("identity")  # its W0 offset applied
-    assert rows["lora_one"]["sanity_init"].startswith("offset")  # LoRA-One moves the output
-    clipping = {m: json.loads(r["distributed"])["grad_clipping"] for m, r in rows.items()}
-    assert clipping == {"lora_ga": "deepspeed", "lora_one": "harness, before the transform"}
-    lora_one = json.loads(rows["lora_one"]["distributed"])
-    assert lora_one["deepspeed_config"]["gradient_clipping"] == 0.0

@@ -9,10 +9,11 @@ import warnings
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 import methods
 from harness import identity
+from tests.builders import tiny_bert
 
 RANK = 4
 HEAD = ["classifier"]
@@ -29,16 +30,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=32, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return BertForSequenceClassification(config).eval()
 
 
 def structured_bert() -> BertForSequenceClassification:
