@@ -71,6 +71,15 @@ class MethodSweep(_Strict):
         return lrs
 
 
+class HeadConfig(_Strict):
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="what a sequence classification/regression head reads: cls = the model's "
+        "own head (first token via its pooler), mean = masked mean of the last hidden states "
+        "(BERT family; the same for every method of a sweep)",
+    )
+
+
 class Budget(_Strict):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps per trial")
     epochs: float | None = Field(None, gt=0, description="epochs over the train subset")
@@ -300,6 +309,7 @@ class SweepConfig(_Strict):
     seeds: list[Seed] = Field(min_length=1)
     budget: Budget
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     resources: Resources = Field(default_factory=Resources)
     ray: RayConfig = Field(default_factory=RayConfig)
     distributed: DistributedConfig | None = Field(
@@ -375,6 +385,8 @@ class SweepConfig(_Strict):
 _LATER_OPTIONS = (("eval", "max_new_tokens"), ("budget", "schedule"))
 # Top-level TrialSpec fields added later: in the key only when set (not None / not False).
 _LATER_FIELDS = ("distributed", "smoke")
+# Top-level fields added later with a non-empty default: in the key only when not the default.
+_LATER_DEFAULTS = {"head_pooling": "cls"}
 # What identifies a setting, resolved by the driver (harness/identity.py) before any trial.
 _IDENTITY_FIELDS = ("method_config", "protocol", "data_fingerprint")
 # 3: the method config holds the target modules resolved from the model's family (a
@@ -411,6 +423,7 @@ class TrialSpec(BaseModel):
     data_revisions: dict[str, str] | None = None
     distributed: DistributedConfig | None = None
     smoke: bool = False
+    head_pooling: Literal["cls", "mean"] = "cls"
     method_config: dict[str, Any] | None = None
     protocol: str | None = None
     data_fingerprint: str | None = None
@@ -433,6 +446,9 @@ class TrialSpec(BaseModel):
             payload["eval"].pop(option, None)
         for name in _LATER_FIELDS:
             if not payload.get(name):
+                payload.pop(name, None)
+        for name, default in _LATER_DEFAULTS.items():
+            if payload.get(name) == default:
                 payload.pop(name, None)
         if self.distributed is not None:
             payload["distributed"] = self.distributed.key_payload()
@@ -822,6 +838,7 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
             data_revisions=dict(cfg.data_revisions) or None,
             distributed=cfg.distributed if cfg.distributed and cfg.distributed.enabled else None,
             smoke=cfg.resources.smoke,
+            head_pooling=cfg.head.pooling,
         )
         for task in cfg.tasks
         for method, sweep in cfg.methods.items()

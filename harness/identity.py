@@ -118,7 +118,7 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
     """Fill in method_config, protocol and data_fingerprint (each task's data read once;
     `read_data=False` marks the fingerprint NOT_READ, which no worker's data matches)."""
     import tasks
-    from harness.pipelines import task_protocol
+    from harness.pipelines import pooling_problem, task_protocol
 
     fingerprints: dict[tuple[str, str | None], str] = {}
     revisions: dict[tuple[str, str | None], dict[str, str]] = {}  # hub id -> commit read
@@ -137,6 +137,12 @@ def resolve(specs: Iterable[TrialSpec], read_data: bool = True) -> list[TrialSpe
                         f"model {spec.model_id}: cannot read its structure: "
                         f"{type(err).__name__}: {err}"
                     )
+        task = tasks.get_task(spec.task)
+        if model_types[model] is not None and (
+            problem := pooling_problem(task, model_types[model], spec.head_pooling)
+        ):
+            if (message := f"model {spec.model_id}, task {spec.task}: {problem}") not in problems:
+                problems.append(message)
         where = (spec.task, spec.data_dir)
         if where not in fingerprints and not read_data:
             fingerprints[where] = NOT_READ

@@ -251,10 +251,66 @@ class LoadedModel:
     model_type: str
 
 
+# Head poolings a sequence head can read (`head.pooling`): "cls" is the model's own head (the
+# first token, through BERT's pretrained dense+tanh pooler); "mean" is the masked mean of the
+# last hidden states straight into the new classifier, as sentence-transformers models such as
+# all-MiniLM-L6-v2 were trained to be read (their pretraining never used the CLS pooler).
+HEAD_POOLINGS = ("cls", "mean")
+# Families whose sequence-classification head reads a `pooler` module of the base model, which
+# mean pooling replaces; others have no such seam, and `head.pooling: mean` is refused for them.
+MEAN_POOLING_MODEL_TYPES = ("bert",)
+
+
+class MaskedMeanPooler(nn.Module):
+    """Stands in for BERT's pooler: the mean of the last hidden states over real tokens. The
+    attention mask reaches it from a pre-hook on the base model, since BERT passes its pooler
+    the hidden states only. It has no parameters, so adapters and state dicts are unchanged
+    apart from the dropped dense+tanh pooler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(dim=1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> None:
+    """Make a BERT-family sequence classifier read the masked mean of its last hidden states
+    instead of the CLS pooler (see HEAD_POOLINGS)."""
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or getattr(base, "pooler", None) is None:
+        raise ValueError(
+            f"head.pooling: mean needs a {'/'.join(MEAN_POOLING_MODEL_TYPES)}-family encoder "
+            f"with a pooler; {type(model).__name__} has none"
+        )
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+
+    def keep_mask(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.attention_mask = mask
+
+    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+
+
 def load_sequence_model(
-    source: ModelSource, num_labels: int, regression: bool, dtype: torch.dtype = torch.float32
+    source: ModelSource,
+    num_labels: int,
+    regression: bool,
+    dtype: torch.dtype = torch.float32,
+    pooling: str = "cls",
 ) -> LoadedModel:
-    """A pretrained encoder with a new classification/regression head."""
+    """A pretrained encoder with a new classification/regression head reading `pooling`
+    (HEAD_POOLINGS)."""
+    if pooling not in HEAD_POOLINGS:
+        raise ValueError(f"unknown head pooling {pooling!r}; one of {HEAD_POOLINGS}")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -270,6 +326,8 @@ def load_sequence_model(
     tokenizer = AutoTokenizer.from_pretrained(source.location, revision=hub_revision(source))
     # The head is whatever the checkpoint did not provide; it must train under every method.
     head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+    if pooling == "mean":
+        use_mean_pooling(model)
     return LoadedModel(model, tokenizer, head, source, model.config.model_type)
 
 

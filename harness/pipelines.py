@@ -20,6 +20,7 @@ import torch
 
 from harness.generate import greedy_generate
 from harness.models import (
+    MEAN_POOLING_MODEL_TYPES,
     SEQ2SEQ_MODEL_TYPES,
     ModelSource,
     load_causal_lm,
@@ -52,6 +53,21 @@ def task_protocol(task: Task, model_type: str | None) -> str:
     return form.protocol if form is not None else task.protocol
 
 
+def pooling_problem(task: Task, model_type: str | None, pooling: str) -> str | None:
+    """Why `head.pooling` cannot serve this task on this family, or None: only a sequence
+    head on a family with a pooler seam (MEAN_POOLING_MODEL_TYPES) reads anything but cls."""
+    if pooling == "cls":
+        return None
+    if head_kind(task, model_type) not in ("classification", "regression"):
+        return f"head.pooling {pooling!r} applies to sequence heads; task {task.id} is not one"
+    if model_type not in MEAN_POOLING_MODEL_TYPES:
+        return (
+            f"head.pooling {pooling!r} is implemented for {', '.join(MEAN_POOLING_MODEL_TYPES)} "
+            f"encoders, not {model_type}"
+        )
+    return None
+
+
 def build_pipeline(
     task: Task,
     splits: DataSplits,
@@ -62,9 +78,13 @@ def build_pipeline(
     max_new_tokens: int | None,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    head_pooling: str = "cls",
 ) -> Pipeline:
-    """`dtype`: the weights as loaded (float32, or bfloat16 for large distributed trials)."""
+    """`dtype`: the weights as loaded (float32, or bfloat16 for large distributed trials);
+    `head_pooling`: what a sequence head reads (harness.models.HEAD_POOLINGS)."""
     model_type = source_model_type(source)
+    if problem := pooling_problem(task, model_type, head_pooling):
+        raise ValueError(problem)
     if model_type in SEQ2SEQ_MODEL_TYPES and task.head not in ("classification", "regression"):
         raise ValueError(
             f"task {task.id} (head {task.head!r}) has no pipeline on the encoder-decoder "
@@ -75,7 +95,10 @@ def build_pipeline(
 
         return seq2seq_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
     if task.head in ("classification", "regression"):
-        return _sequence_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
+        return _sequence_pipeline(
+            task, splits, source, max_length, eval_batch_size, device, dtype, head_pooling
+        )
+
     if task.head == "causal_lm":
         assert isinstance(task, GenerativeTask)
         return _causal_lm_pipeline(
@@ -94,11 +117,13 @@ def build_pipeline(
 
 
 def _sequence_pipeline(
-    task, splits, source, max_length, eval_batch_size, device, dtype=torch.float32
+    task, splits, source, max_length, eval_batch_size, device, dtype=torch.float32, pooling="cls"
 ) -> Pipeline:
     from transformers import DataCollatorWithPadding
 
-    loaded = load_sequence_model(source, task.num_labels, task.head == "regression", dtype)
+    loaded = load_sequence_model(
+        source, task.num_labels, task.head == "regression", dtype, pooling=pooling
+    )
     loaded.model.to(device)
     tokenizer = loaded.tokenizer
     collate = DataCollatorWithPadding(tokenizer)

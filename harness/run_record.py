@@ -78,6 +78,8 @@ RUN_FIELDS: tuple[RunField, ...] = (
     _f("model_revision", "str", "commit sha (or packaged-copy version and what it is, or "
        "`random-init: NOT pretrained`)"),
     _f("model_source", "str", "`hub:`/`local:`/`pypi-package:`/`random-init:` + location"),
+    _f("head_pooling", "str", "what a sequence head read: `cls` (the model's own head) or "
+       "`mean` (masked mean of the last hidden states); empty for other heads and older runs"),
     _f("data_kind", "str", "`hub`, `mirror` or `url` (`+`-joined when the splits differ)"),
     _f("data_source", "json", "provenance per split (path or hub revision, rows, fingerprint, "
        "`stand_in`/`subset` notes, decoding)"),

@@ -163,7 +163,9 @@ def load_data_and_model(
         max_new_tokens=spec.eval.max_new_tokens,
         device=device,
         dtype=dtype,
+        head_pooling=spec.head_pooling,
     )
+    row["head_pooling"] = spec.head_pooling
     return task, splits, pipeline
 
 
