@@ -308,6 +308,11 @@ class SweepConfig(_Strict):
     methods: dict[str, MethodSweep] = Field(min_length=1)
     seeds: list[Seed] = Field(min_length=1)
     budget: Budget
+    task_budgets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="task id -> budget fields that differ for that task (e.g. max_length "
+        "from its length distribution, max_steps); the rest from `budget`",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     resources: Resources = Field(default_factory=Resources)
@@ -329,6 +334,26 @@ class SweepConfig(_Strict):
         "datasets are read at their current commit, resolved once by the driver and recorded",
     )
     model_dir: str | None = Field(None, description=f"local model folders; ${MODEL_DIR_ENV}")
+
+    @model_validator(mode="after")
+    def _task_budgets_name_tasks_and_are_budgets(self) -> SweepConfig:
+        unknown = sorted(set(self.task_budgets) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_budgets names tasks not in `tasks`: {unknown}")
+        for task in self.task_budgets:
+            self.budget_for(task)  # a bad field or value is a validation error here
+        return self
+
+    def budget_for(self, task: str) -> Budget:
+        """The budget of `task`'s trials: `budget` with that task's `task_budgets` on top."""
+        changes = self.task_budgets.get(task)
+        if not changes:
+            return self.budget
+        return Budget.model_validate({**self.budget.model_dump(exclude_unset=True), **changes})
+
+    def budgets(self) -> dict[str, Budget]:
+        """Each task's budget, in `tasks` order."""
+        return {task: self.budget_for(task) for task in self.tasks}
 
     @model_validator(mode="before")
     @classmethod
@@ -655,13 +680,16 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
             problems.append(f"methods.{name}.overrides: " + _format(err).strip().lstrip("- "))
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         problems.append(f"data_dir {cfg.data_dir!r} is not a directory")
-    budget = cfg.budget
     distributed_path = cfg.distributed is not None and cfg.distributed.enabled
-    if not distributed_path and budget.train_rows and budget.batch_size > budget.train_rows:
-        problems.append(  # (the distributed section says it its own way)
-            f"budget.batch_size ({budget.batch_size}) is larger than budget.train_rows "
-            f"({budget.train_rows}): not one full batch of training data"
-        )
+    checked = {"budget": cfg.budget} | {
+        f"task_budgets[{t}]": cfg.budget_for(t) for t in cfg.task_budgets
+    }
+    for where, budget in checked.items():
+        if not distributed_path and budget.train_rows and budget.batch_size > budget.train_rows:
+            problems.append(  # (the distributed section says it its own way)
+                f"{where}.batch_size ({budget.batch_size}) is larger than {where}.train_rows "
+                f"({budget.train_rows}): not one full batch of training data"
+            )
     problems += _output_dir_problems(cfg.output_dir)
     problems += _distributed_problems(cfg, valid_methods)
     if problems:
@@ -671,9 +699,10 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
     except Exception as err:  # noqa: BLE001 - any load failure is a config problem
         return [f"model {cfg.model.id!r} cannot be resolved: {err}"]
     problems += _revision_problems(cfg)
-    if structure.max_positions is not None and budget.max_length > structure.max_positions:
+    longest = max(b.max_length for b in cfg.budgets().values())
+    if structure.max_positions is not None and longest > structure.max_positions:
         problems.append(
-            f"budget.max_length {budget.max_length} exceeds the {structure.max_positions} "
+            f"budget.max_length {longest} exceeds the {structure.max_positions} "
             f"positions of {cfg.model.id}"
         )
     for name, hp in valid_methods.items():
@@ -698,6 +727,7 @@ def _semantic_problems(cfg: SweepConfig) -> list[str]:
 # Plain LoRA, rsLoRA, LoRA+ and DoRA take any rank.
 RANK_BOUNDED_METHODS: dict[str, int] = {
     "pissa": 1, "lora_ga": 2, "lora_one": 1, "lora_sb": 1, "lora_xs": 1, "cg_lora": 1,
+    "cg_lora_shift": 1,
     "sds_lora": 1,
 }  # fmt: skip
 
@@ -778,15 +808,16 @@ def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:
         )
     from harness.batching import BatchError, batch_plan
 
-    try:
-        batch_plan(cfg.budget.batch_size, dist.world_size, dist.micro_batch_size)
-    except BatchError as err:
-        problems.append(f"distributed: {err}")
-    if cfg.budget.train_rows is not None and cfg.budget.train_rows < cfg.budget.batch_size:
-        problems.append(
-            f"budget.train_rows ({cfg.budget.train_rows}) is smaller than one global batch "
-            f"({cfg.budget.batch_size}); distributed trials drop incomplete global batches"
-        )
+    for budget in {b.model_dump_json(): b for b in cfg.budgets().values()}.values():
+        try:
+            batch_plan(budget.batch_size, dist.world_size, dist.micro_batch_size)
+        except BatchError as err:
+            problems.append(f"distributed: {err}")
+        if budget.train_rows is not None and budget.train_rows < budget.batch_size:
+            problems.append(
+                f"budget.train_rows ({budget.train_rows}) is smaller than one global batch "
+                f"({budget.batch_size}); distributed trials drop incomplete global batches"
+            )
     import methods
 
     for name, hp in hps.items():
@@ -830,7 +861,7 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
             seed=seed,
             model_id=cfg.model.id,
             model_revision=cfg.model.revision,
-            budget=cfg.budget,
+            budget=cfg.budget_for(task),
             eval=cfg.eval,
             data_dir=cfg.resolved_data_dir(),
             model_dir=cfg.resolved_model_dir(),

@@ -218,7 +218,9 @@ def estimate_for_sweep(cfg, config=None) -> list[MemoryEstimate]:
         raise ValueError("the sweep has no distributed section")
     if config is None:
         config = _model_config(cfg)
-    plan = batch_plan(cfg.budget.batch_size, dist.world_size, dist.micro_batch_size)
+    # The largest task's budget bounds every trial's memory (task_budgets may differ).
+    budget = max(cfg.budgets().values(), key=lambda b: (b.max_length, b.batch_size))
+    plan = batch_plan(budget.batch_size, dist.world_size, dist.micro_batch_size)
     dtype = "bf16" if dist.precision in ("auto", "bf16") else "fp32"
     model = meta_model(config)
     return [
@@ -230,7 +232,7 @@ def estimate_for_sweep(cfg, config=None) -> list[MemoryEstimate]:
             world_size=dist.world_size,
             dtype=dtype,
             micro_batch=plan.micro_batch,
-            seq_len=cfg.budget.max_length,
+            seq_len=budget.max_length,
             gradient_checkpointing=dist.gradient_checkpointing,
             offload_optimizer=dist.offload_optimizer,
             offload_params=dist.offload_params,

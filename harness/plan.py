@@ -117,9 +117,10 @@ def trial_seconds(runs: pd.DataFrame) -> list[float]:
     return [float(t) for t in ok["wall_time_s"] if float(t) > 0]
 
 
-def steps_per_trial(cfg: SweepConfig) -> int | None:
-    """Optimizer steps a trial takes (None: an epoch budget without a fixed train_rows)."""
-    budget = cfg.budget
+def steps_per_trial(cfg: SweepConfig, task: str | None = None) -> int | None:
+    """Optimizer steps a trial of `task` takes (default: the sweep's `budget`; None: an
+    epoch budget without a fixed train_rows)."""
+    budget = cfg.budget if task is None else cfg.budget_for(task)
     if budget.max_steps:
         return budget.max_steps
     if budget.train_rows:
@@ -172,11 +173,18 @@ def format_dry_run(cfg: SweepConfig, plan: SweepPlan, out_dir: Path) -> str:
     lines.append(f"done: {done}, to run: {len(plan.todo)}")
     if plan.migrated:
         lines.append(f"{plan.migrated} runs of an earlier key version would be re-keyed")
-    steps = steps_per_trial(cfg)
-    per_trial = f"{steps} steps" if steps else f"{cfg.budget.epochs:g} epochs"
-    cost = f"estimated cost: {len(plan.todo)} trials x {per_trial}"
+    task_steps = {task: steps_per_trial(cfg, task) for task in cfg.tasks}
+    steps = task_steps[cfg.tasks[0]] if len(set(task_steps.values())) == 1 else None
     if steps:
-        cost += f" = {len(plan.todo) * steps} optimizer steps"
+        per_trial = f"{steps} steps"
+    elif len(set(task_steps.values())) > 1 and None not in task_steps.values():
+        per_trial = "(" + ", ".join(f"{t}: {n}" for t, n in task_steps.items()) + ") steps"
+    else:
+        per_trial = f"{cfg.budget.epochs:g} epochs"
+    cost = f"estimated cost: {len(plan.todo)} trials x {per_trial}"
+    if None not in task_steps.values():
+        total = sum(task_steps[spec.task] for spec in plan.todo)
+        cost += f" = {total} optimizer steps"
     seconds = trial_seconds(plan.runs)
     if seconds and plan.todo:
         median = statistics.median(seconds)

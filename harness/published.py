@@ -56,7 +56,7 @@ COLUMNS = [
 # Registry ids of the methods this project has or tracks (cg_lora, sds_lora may be in progress).
 KNOWN_METHODS = {
     "full_ft", "lora", "rslora", "lora_plus", "pissa", "dora", "lora_ga", "lora_one",
-    "lora_sb", "cg_lora", "sds_lora",
+    "lora_sb", "cg_lora", "cg_lora_shift", "sds_lora",
 }  # fmt: skip
 
 # Metric name -> allowed value range on the 0-1 scale. A metric key may carry a test-set

@@ -290,8 +290,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
         f"model {cfg.model.id}; budget: {budget.max_steps or budget.epochs} "
         f"{'steps' if budget.max_steps else 'epochs'}, batch {budget.batch_size}, "
         f"max_length {budget.max_length}, train_rows {budget.train_rows}, "
-        f"selection_rows {budget.selection_rows}, test_rows {budget.test_rows or 'all'}; "
-        f"output {out_dir}",
+        f"selection_rows {budget.selection_rows}, test_rows {budget.test_rows or 'all'}"
+        + "".join(f"; {task}: {changes}" for task, changes in cfg.task_budgets.items())
+        + f"; output {out_dir}",
         flush=True,
     )
     interrupted = None

@@ -157,8 +157,12 @@ def scheduler(cfg: SweepConfig, todo: list[TrialSpec]):
         return None
     from harness.train import planned_steps
 
-    rows = cfg.budget.train_rows
-    steps = cfg.budget.max_steps or (planned_steps(cfg.budget, rows) if rows else None)
+    # ASHA's horizon: the longest task's steps (task_budgets may differ per task).
+    horizons = [
+        b.max_steps or (planned_steps(b, b.train_rows) if b.train_rows else None)
+        for b in cfg.budgets().values()
+    ]
+    steps = None if None in horizons else max(horizons)
     if steps is None:
         raise ConfigError("tracking.early_stop: asha needs budget.max_steps or train_rows")
     if cfg.eval.every_steps:  # the selection metric, when there are intermediate evals

@@ -397,3 +397,19 @@ class CgLora(PeftLoraMethod):
             "pooling": "K-FAC-reduce: mean of inputs, sum of output grads, per example",
             "degenerate_curvature": DEGENERATE_TREATMENT,
         }
+
+
+class CgLoraShiftHyperparams(CgLoraHyperparams):
+    variant: Literal["no_shift", "shift"] = Field(
+        "shift", description="shift (this entry's default): W0 <- W0 - s B0 A0"
+    )
+
+
+@register_method("cg_lora_shift")
+class CgLoraShift(CgLora):
+    """CG-LoRA's "shift" variant as its own entry, as the paper's tables list it beside
+    "no shift" (Table 1): the same method with `variant: shift` by default, so one sweep and
+    one leaderboard hold both."""
+
+    description = "CG-LoRA (shift): W0 <- W0 - s B0 A0, training starts at the base function"
+    hyperparams_cls = CgLoraShiftHyperparams

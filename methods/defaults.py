@@ -176,6 +176,10 @@ ROWS: list[Row] = [
         "Halko et al.'s usual 5-10"),
     Row("cg_lora", "variant", "no shift (better on RoBERTa) and shift", _NO_CODE, "no_shift",
         "-"),
+    Row("cg_lora_shift", "variant", "shift: W0 - s B0 A0, starts at the base function "
+        "(Table 1's second CG-LoRA row)", _NO_CODE, "shift",
+        "its own entry so one sweep and leaderboard hold both; every other default is "
+        "cg_lora's"),
     Row("cg_lora", "schedule", "cosine, AdamW, 1 epoch (Sec. 6.1)", _NO_CODE,
         "cosine in preset roberta-base-cglora-glue", "budget.schedule defaults to linear for "
         "the harness; the paper preset sets cosine", kind="setting"),

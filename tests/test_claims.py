@@ -346,7 +346,7 @@ def test_registry_has_the_seed_papers_claims():
     cg = "cg_lora[variant=no_shift]"
     assert _has(claims, cg, "lora_ga", "beats", glue3)
     assert _has(claims, cg, "lora_one", "beats", glue3)
-    assert _has(claims, cg, "cg_lora[variant=shift]", "beats")
+    assert _has(claims, cg, "cg_lora_shift[variant=shift]", "beats")
     assert _has(claims, cg, "lora_ga", "loss_auc", {"glue/cola", "glue/mrpc"})
     assert _has(claims, cg, "lora_ga", "lr_sensitivity") and _has(claims, cg, "lora_ga", "seed_std")
     sb = next(c for c in claims if (str(c.a), str(c.b), c.check) == ("lora_sb", "lora_xs", "beats"))

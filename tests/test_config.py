@@ -95,3 +95,32 @@ def test_data_dir_comes_from_env_when_config_is_silent(monkeypatch):
     cfg = validate_config(copy.deepcopy(GOOD))
     assert cfg.resolved_data_dir() == "/some/mirror"
     assert expand(cfg)[0].data_dir == "/some/mirror"
+
+
+def test_task_budgets_change_only_their_tasks_trials():
+    two_tasks = {**copy.deepcopy(GOOD), "tasks": ["glue/sst2", "glue/stsb"]}
+    plain = {(s.task, s.method, s.lr, s.seed): s for s in expand(validate_config(two_tasks))}
+    per_task = validate_config(
+        {**copy.deepcopy(two_tasks), "task_budgets": {"glue/stsb": {"max_length": 24}}}
+    )
+    for spec in expand(per_task):
+        before = plain[(spec.task, spec.method, spec.lr, spec.seed)]
+        if spec.task == "glue/stsb":
+            assert spec.budget.max_length == 24 and before.budget.max_length == 16
+            assert spec.budget.model_dump() == {**before.budget.model_dump(), "max_length": 24}
+        else:  # untouched tasks keep the very same budget, so the same keys
+            assert spec.budget == before.budget
+    assert per_task.budget_for("glue/sst2") is per_task.budget
+
+
+@pytest.mark.parametrize(
+    ("task_budgets", "message"),
+    [
+        ({"glue/cola": {"max_length": 24}}, "task_budgets names tasks not in `tasks`"),
+        ({"glue/sst2": {"max_lenght": 24}}, "max_lenght"),
+        ({"glue/sst2": {"batch_size": 0}}, "batch_size"),
+    ],
+)
+def test_bad_task_budgets_are_one_config_error(task_budgets, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**copy.deepcopy(GOOD), "task_budgets": task_budgets})

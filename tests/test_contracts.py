@@ -45,6 +45,7 @@ RANK = 4
 # Only where a default does not fit the tiny model or an 8-step run (no method-specific code).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "cg_lora": {"init_examples": 8},  # default 256 init examples
+    "cg_lora_shift": {"init_examples": 8},
     "sds_lora": {"warmup_steps": 3},  # so the reparameterisation happens within the run
 }
 
