@@ -121,7 +121,11 @@ def test_valid_distributed_and_smoke_configs():
 
 
 @pytest.mark.parametrize(
-    "name", ["glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods"]
+    "name",
+    [
+        "glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods",
+        "glue-minilm-study-pilot-mean", "glue-minilm-study-pilot-cls",
+    ],
 )
 def test_committed_results_keep_their_keys(mirror_dir, name):
     """The committed runs were re-keyed to the current key version (the long sweep's from
