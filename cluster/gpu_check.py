@@ -9,8 +9,8 @@ scikit-learn) but not ray, deepspeed or datasets, and no network:
       harness.train.train) under torch.autocast(bfloat16); MFU against the device's peak;
   (b) the bench table: `harness bench --all` when the CLI has it, else the classic
       `bench_train_step` + `bench_init_cost` functions; in a subprocess with a time limit;
-  (c) a 1-GPU DeepSpeed ZeRO-2 run of a few steps (harness.deepspeed_config.render,
-      harness.distributed.global_batch_step) against the same steps on one device without
+  (c) a 1-GPU DeepSpeed ZeRO-2 run of a few steps (harness.deepspeed.config.render,
+      harness.deepspeed.engine.global_batch_step) against the same steps on one device without
       DeepSpeed, if DeepSpeed can be imported (it travels as a wheel in wheelhouse/).
 
 Each part is recorded as ok / failed / skipped with the reason; one failing does not stop
@@ -374,8 +374,8 @@ def zero2_check(spec, device, steps: int) -> dict[str, Any]:
 
     from harness import memory
     from harness.config import DistributedConfig
-    from harness.deepspeed_config import render, resolve_load_dtype, resolve_precision
-    from harness.distributed import global_batch_step
+    from harness.deepspeed.config import render, resolve_load_dtype, resolve_precision
+    from harness.deepspeed.engine import global_batch_step
     from harness.train import SCHEDULES, train_step
     from harness.trial import load_data_and_model, prepare_method, seed_everything
 
@@ -383,7 +383,7 @@ def zero2_check(spec, device, steps: int) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     started = time.perf_counter()
     try:
-        if not on_gpu:  # as harness.distributed: no JIT-compiled shared-memory all-reduce
+        if not on_gpu:  # as harness.deepspeed: no JIT-compiled shared-memory all-reduce
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         with socket.socket() as sock:  # a free port for the one-rank process group
             sock.bind(("127.0.0.1", 0))

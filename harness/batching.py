@@ -3,7 +3,7 @@ per optimizer step) is micro x accumulation x world. With `micro_batch_size` uns
 takes global / world examples in one micro-step; with it set, accumulation = global /
 (micro x world). Either division must be exact: a silently rounded batch would change the
 experiment. Pure arithmetic, below both harness.config (which validates a sweep with it)
-and harness.deepspeed_config (which renders it).
+and harness.deepspeed.config (which renders it).
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def estimate_for_sweep(cfg, config=None) -> list[MemoryEstimate]:
     `config`: the model's transformers config; default: read from the model's folder or the
     hub (config.json only), else the architecture card in harness.presets.
     """
-    from harness.deepspeed_config import batch_plan, resolve_load_dtype
+    from harness.batching import batch_plan
+    from harness.deepspeed.config import resolve_load_dtype
 
     dist = cfg.distributed
     if dist is None:

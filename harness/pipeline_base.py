@@ -64,7 +64,7 @@ class Pipeline:
     # Distributed trials: each rank evaluates its share of the items (harness.sharding).
     shard: Shard | None = None
     # What the model's loss averages over in a batch, so that micro-batches can be weighted
-    # to give the whole batch's mean (harness.distributed.global_batch_step).
+    # to give the whole batch's mean (harness.deepspeed.engine.global_batch_step).
     loss_terms: Callable[[dict[str, torch.Tensor]], int] = examples_in
 
     @property
@@ -74,7 +74,7 @@ class Pipeline:
     def loader(self, batch_size: int, seed: int) -> DataLoader:
         """Training batches in a seeded order; an epoch's incomplete last batch is dropped,
         so every step is one full batch - the global batches of the distributed path
-        (harness.distributed.RankShares draws the same order)."""
+        (harness.deepspeed.rank_data.RankShares draws the same order)."""
         return make_loader(
             self.train_rows, self.collate, batch_size, shuffle=True, seed=seed, drop_last=True
         )

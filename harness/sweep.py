@@ -18,9 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from harness import adapters, distributed, provenance, tracking
+from harness import adapters, provenance, tracking
 from harness.config import ConfigError, SweepConfig, TrialSpec
 from harness.crash_witness import crash_witness, read_witness
+from harness.deepspeed import launch, storage
 from harness.plan import RunningTrials, sweep_plan, write_plan
 from harness.results import (
     RunRecorder,
@@ -173,12 +174,12 @@ def check_cluster_fits(cfg: SweepConfig, nodes: list[dict[str, Any]]) -> None:
     alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
     total = {k: sum(n.get(k, 0) for n in alive) for k in ("CPU", "GPU")}
     have = f"cluster: {total['CPU']:g} CPUs, {total['GPU']:g} GPUs on {len(alive)} nodes"
-    if distributed.is_distributed(cfg):
+    if launch.is_distributed(cfg):
         dist = cfg.distributed
         assert dist is not None
         worker = {"CPU": dist.cpus_per_worker, "GPU": 1.0 if dist.use_gpu else 0.0}
         need = {k: v * dist.world_size for k, v in worker.items()}
-        need["CPU"] += distributed.DRIVER_CPUS
+        need["CPU"] += launch.DRIVER_CPUS
         what = f"a distributed trial ({dist.world_size} workers of {_fmt(worker)} + its driver)"
     else:
         res = cfg.resources
@@ -311,8 +312,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
         try:
             payload = [s.model_dump(mode="json") for s in todo]
             # Refuse node-local storage across nodes; multi-GPU trials drive a TorchTrainer.
-            storage = distributed.storage_path(cfg, out_dir)
-            distributed.check_storage(storage, distributed.alive_nodes(), cfg.ray.shared_storage)
+            storage_dir = storage.storage_path(cfg, out_dir)
+            storage.check_storage(storage_dir, storage.alive_nodes(), cfg.ray.shared_storage)
             check_cluster_fits(cfg, ray.nodes())  # else trials wait forever for resources
             write_plan(out_dir, cfg, plan.specs)  # every key and this driver, for `status`
             # Tracking and adapter options reach the trials beside their specs, never in
@@ -325,9 +326,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
             }
             loggers, described = tracking.logger_callbacks(cfg, out_dir)
             print("tracking: " + "; ".join(described), flush=True)
-            if distributed.is_distributed(cfg):
-                trainable, max_concurrent, failure = distributed.tune_setup(
-                    cfg, payload, storage, adapters_dir=options["adapters_dir"]
+            if launch.is_distributed(cfg):
+                trainable, max_concurrent, failure = launch.tune_setup(
+                    cfg, payload, storage_dir, adapters_dir=options["adapters_dir"]
                 )
             else:
                 res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
@@ -349,7 +350,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                 ),
                 run_config=tune.RunConfig(
                     name=cfg.name,
-                    storage_path=storage,
+                    storage_path=storage_dir,
                     failure_config=failure,  # Tune-level retries of a driver
                     callbacks=[
                         recorder := _make_callback(

@@ -1,12 +1,13 @@
-"""The training step and loop, and batched evaluation, shared by trials and the benchmark.
+"""The training step and the one training loop, and batched evaluation, shared by trials
+and the benchmark.
 
-What one optimizer step is lives here once, for this single-device loop and the ZeRO loop
-of harness.distributed alike: the boundary step (`boundary_step`: clip the step's full
-gradients, apply the method's gradient transform, then the optimizer and LR-schedule step,
-through a `GradientAccess`) and the rules the losses are reported by (`LossHistory`:
-divergence, the loss curve, the final loss). The distributed loop adds only what is
-distributed: micro-batches through the DeepSpeed engine, all-reduced losses, ZeRO's
-parameter access, checkpoints.
+What one optimizer step is lives here once, for one device and under DeepSpeed ZeRO alike:
+the boundary step (`boundary_step`: clip the step's full gradients, apply the method's
+gradient transform, then the optimizer and LR-schedule step, through a `GradientAccess`),
+the rules the losses are reported by (`LossHistory`: divergence, the loss curve, the final
+loss), and the loop (`train_loop`) over a `Stepper`. What is distributed (micro-batches
+through the DeepSpeed engine, all-reduced losses, ZeRO's parameter access, checkpoints) is
+harness.deepspeed.engine's `EngineStepper`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness.progress import progress_bar
-from methods.base import GradientTransform
+from methods.base import GradientTransform, ParamAccess
 
 
 class Diverged(RuntimeError):
@@ -54,7 +55,7 @@ class LossHistory:
     `record` raises Diverged (`check_divergence`), else keeps the loss; every `curve_every`
     steps, and at the last, the loss curve gets the mean of the latest `curve_every` losses;
     `final_loss` is the mean over the last 10% of steps (at least 1). A restored run
-    (harness.distributed) passes its checkpoint's lists, extended in place."""
+    (harness.deepspeed) passes its checkpoint's lists, extended in place."""
 
     total_steps: int
     losses: list[float] = field(default_factory=list)
@@ -95,7 +96,7 @@ def planned_steps(budget, train_rows: int) -> int:
 class GradientAccess(Protocol):
     """How the boundary step reaches the trainable parameters and their gradients, as full
     tensors: the tensors themselves on one device (`LocalGradients`); under ZeRO, assembled
-    from and scattered back to the optimizer's partitions (harness.distributed's
+    from and scattered back to the optimizer's partitions (harness.deepspeed.zero_access's
     ZeroParamAccess, whose every call is collective)."""
 
     def read(self, param: nn.Parameter) -> torch.Tensor:
@@ -210,7 +211,7 @@ def train_step(
     """One optimizer step; returns the loss. The benchmark times exactly this function.
 
     Forward and backward of the one batch, then `boundary_step` over the optimizer's
-    parameters: the step harness.distributed takes at ZeRO's accumulation boundary. With
+    parameters: the step harness.deepspeed takes at ZeRO's accumulation boundary. With
     `stats`, it also records the gradient norm before clipping (`grad_norm`) and the first
     param group's LR of this step (`lr`); only asked on reporting steps (`.item()` syncs a
     GPU)."""
@@ -299,6 +300,150 @@ class TrainResult:
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands after `step` optimizer steps: what a checkpoint carries besides
+    the weights, optimizer and schedule (harness.deepspeed.checkpoint), so a restored run
+    continues its losses, curves, time and counts in place."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    train_time: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    restored: bool = False
+
+
+Batch = dict[str, torch.Tensor]
+
+
+class Stepper(Protocol):
+    """What the one training loop (`train_loop`) needs of a backend: one optimizer step over
+    this process's micro-batches of a batch, and what the method's callbacks are handed.
+    `LocalStepper` on one device; harness.deepspeed.engine's `EngineStepper` under ZeRO."""
+
+    module: nn.Module  # the model the callbacks (and evaluators) see
+    optimizer: torch.optim.Optimizer
+    access: ParamAccess | None  # None: the callbacks' own local access
+
+    def step(self, micro: list[Batch], stats: dict[str, float] | None) -> float:
+        """One optimizer step (and LR-schedule step); returns the whole batch's loss, the
+        same on every rank. With `stats`, also fills in `lr` and `grad_norm`."""
+        ...
+
+    def count(self, micro: list[Batch]) -> tuple[int, int]:
+        """(examples, attention-mask tokens) of the whole batch, over all ranks."""
+        ...
+
+    def train_mode(self) -> None: ...
+
+    def end_of_step(self, step: int, state: TrainState, loss: float) -> None:
+        """After a step is recorded in `state` (under ZeRO: checkpoints)."""
+        ...
+
+
+class LocalStepper:
+    """Stepper on one device: one micro-batch per step, `train_step` on it."""
+
+    access = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        max_grad_norm: float | None,
+        grad_transform: GradientTransform | None = None,
+    ) -> None:
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm, self.grad_transform = max_grad_norm, grad_transform
+
+    def step(self, micro: list[Batch], stats: dict[str, float] | None) -> float:
+        (batch,) = micro
+        return train_step(self.module, batch, self.optimizer, self.scheduler,
+                          self.max_grad_norm, self.grad_transform, stats)  # fmt: skip
+
+    def count(self, micro: list[Batch]) -> tuple[int, int]:
+        (batch,) = micro
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        return int(batch["labels"].shape[0]), tokens
+
+    def train_mode(self) -> None:
+        self.module.train()
+
+    def end_of_step(self, step: int, state: TrainState, loss: float) -> None:
+        pass
+
+
+def local_steps(loader, device: torch.device | str) -> Iterator[list[Batch]]:
+    """Endless single-micro-batch steps from `loader` (`cycle`), on `device`."""
+    for batch in cycle(loader):
+        yield [{k: v.to(device) for k, v in batch.items()}]
+
+
+def train_loop(
+    stepper: Stepper,
+    steps: Iterator[list[Batch]],
+    total_steps: int,
+    *,
+    state: TrainState | None = None,
+    callbacks: Sequence = (),
+    evaluate_every: int | None = None,
+    evaluate: Callable[[], float] | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
+    on_report: Callable[[dict[str, float]], None] | None = None,
+    report_every: int | None = None,
+) -> TrainResult:
+    """The one training loop, on one device and under ZeRO alike: optimizer steps from
+    `state.step + 1` (a restored run's `steps` resume after the batches it has seen), the
+    method's callbacks after each, the losses by `LossHistory`'s rules, intermediate
+    selection scores every `evaluate_every` steps. `on_report` (live tracking) gets
+    {step, train_loss, lr, grad_norm} every `report_every` steps and {step, selection_score}
+    after each intermediate evaluation; reporting and evaluation are outside the timed
+    step."""
+    state = state if state is not None else TrainState()
+    history = LossHistory(total_steps, state.losses, state.curve)
+    stepper.train_mode()
+    for step in range(state.step + 1, total_steps + 1):
+        micro = next(steps)
+        reporting = on_report is not None and bool(report_every) and step % report_every == 0
+        stats: dict[str, float] | None = {} if reporting else None
+        started = time.perf_counter()
+        loss = stepper.step(micro, stats)
+        for cb in callbacks:
+            if stepper.access is None:  # on one device a callback finds its own access
+                cb.on_step_end(step, stepper.module, stepper.optimizer)
+            else:
+                cb.on_step_end(step, stepper.module, stepper.optimizer, stepper.access)
+        state.train_time += time.perf_counter() - started
+        history.record(step, loss)  # every rank has the same loss: all raise together
+        examples, tokens = stepper.count(micro)
+        state.step = step
+        state.samples += examples
+        state.tokens += tokens
+        if stats is not None:
+            on_report({"step": step, "train_loss": loss, **stats})
+        if evaluate and evaluate_every and step % evaluate_every == 0 and step < total_steps:
+            state.eval_curve.append((step, evaluate()))
+            stepper.train_mode()
+            if on_report is not None:
+                on_report({"step": step, "selection_score": state.eval_curve[-1][1]})
+        stepper.end_of_step(step, state, loss)
+        if on_progress:
+            on_progress(step, loss)
+    return TrainResult(
+        steps=total_steps,
+        train_time_s=state.train_time,
+        samples=state.samples,
+        tokens=state.tokens,
+        final_loss=history.final_loss,
+        loss_curve=history.curve,
+        eval_curve=state.eval_curve,
+    )
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -308,7 +453,7 @@ def train(
     warmup_ratio: float,
     max_grad_norm: float | None,
     schedule: str = "linear",
-    callbacks: list = (),
+    callbacks: Sequence = (),
     grad_transform: GradientTransform | None = None,
     evaluate_every: int | None = None,
     evaluate: Callable[[], float] | None = None,
@@ -317,45 +462,19 @@ def train(
     on_report: Callable[[dict[str, float]], None] | None = None,
     report_every: int | None = None,
 ) -> TrainResult:
-    """`on_report` (live tracking) gets {step, train_loss, lr, grad_norm} every
-    `report_every` steps and {step, selection_score} after each intermediate evaluation;
-    reporting is outside the timed step."""
+    """`train_loop` on one device over `loader` (the benchmark's and the tests' entry; a
+    trial reaches the same loop through harness.backend's LocalBackend)."""
     scheduler = SCHEDULES[schedule](optimizer, total_steps, warmup_ratio)
-    history = LossHistory(total_steps)
-    eval_curve: list[tuple[int, float]] = []
-    samples = tokens = 0
-    train_time = 0.0
-    batches = cycle(loader)
-    model.train()
-    for step in range(1, total_steps + 1):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        reporting = on_report is not None and bool(report_every) and step % report_every == 0
-        stats: dict[str, float] | None = {} if reporting else None
-        started = time.perf_counter()
-        loss = train_step(model, batch, optimizer, scheduler, max_grad_norm, grad_transform, stats)
-        for cb in callbacks:
-            cb.on_step_end(step, model, optimizer)
-        train_time += time.perf_counter() - started
-        history.record(step, loss)
-        samples += int(batch["labels"].shape[0])
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-        if stats is not None:
-            on_report({"step": step, "train_loss": loss, **stats})
-        if evaluate and evaluate_every and step % evaluate_every == 0 and step < total_steps:
-            eval_curve.append((step, evaluate()))
-            model.train()
-            if on_report is not None:
-                on_report({"step": step, "selection_score": eval_curve[-1][1]})
-        if on_progress:
-            on_progress(step, loss)
-    return TrainResult(
-        steps=total_steps,
-        train_time_s=train_time,
-        samples=samples,
-        tokens=tokens,
-        final_loss=history.final_loss,
-        loss_curve=history.curve,
-        eval_curve=eval_curve,
+    return train_loop(
+        LocalStepper(model, optimizer, scheduler, max_grad_norm, grad_transform),
+        local_steps(loader, device),
+        total_steps,
+        callbacks=callbacks,
+        evaluate_every=evaluate_every,
+        evaluate=evaluate,
+        on_progress=on_progress,
+        on_report=on_report,
+        report_every=report_every,
     )
 
 

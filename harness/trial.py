@@ -1,8 +1,11 @@
 """One trial, top to bottom: data -> model -> method -> train -> evaluate -> one result row.
 
-`run_trial` is a plain function (no Ray), so it is testable and benchmarkable on its own;
-the sweep only decides where it runs. It never raises: a failure becomes a row with
-status "failed" (or "diverged") and the error text.
+`run_recipe` is the one recipe; a `Backend` (harness.backend) does what differs between one
+device and a rank of a DeepSpeed trial. `run_trial` is the single-device trial, a plain
+function (no Ray), so it is testable and benchmarkable on its own; the sweep only decides
+where it runs. It never raises: a failure becomes a row with status "failed" (or
+"diverged") and the error text. Each rank's distributed trial is harness.deepspeed.launch's
+`rank_trial`, on the same recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import random
 import time
 import traceback
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,14 +23,13 @@ import torch
 import methods
 import tasks
 from harness import identity, memory, provenance, sanity
-from harness.adapters import AdapterSaver
+from harness.backend import Backend, LocalBackend
 from harness.config import KEY_VERSION, TrialSpec
 from harness.forgetting import probe_for
 from harness.models import resolve_model, source_model_type
 from harness.pipelines import build_pipeline, task_protocol
-from harness.progress import progress_bar
 from harness.tracking import LiveReport
-from harness.train import Diverged, planned_steps, train
+from harness.train import Diverged, planned_steps, train_loop
 from tasks.data import pinned_revisions
 
 STATUS_OK, STATUS_FAILED, STATUS_DIVERGED = "ok", "failed", "diverged"
@@ -85,7 +86,7 @@ def run_trial(
     started = time.perf_counter()
     row = base_row(spec)
     try:
-        _run(spec, row, live, adapters_dir)
+        run_recipe(spec, row, LocalBackend(spec, live, adapters_dir))
     except Diverged as err:
         row.update(status=STATUS_DIVERGED, error=str(err))
     except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
@@ -169,64 +170,70 @@ def load_data_and_model(
     return task, splits, pipeline
 
 
-def _run(
-    spec: TrialSpec,
-    row: dict[str, Any],
-    live: LiveReport | None = None,
-    adapters_dir: str | None = None,
-) -> None:
-    torch.set_num_threads(spec.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run_recipe(spec: TrialSpec, row: dict[str, Any], backend: Backend) -> None:
+    """The one trial recipe, on one device (`run_trial`) and on every rank of a DeepSpeed
+    trial (harness.deepspeed.launch's `rank_trial`) alike; `backend` does what differs
+    (harness.backend). Fills `row`; raises on failure (the callers decide what is caught)."""
+    backend.start()
+    device = backend.device
     row.update(provenance.hardware(device))
     seed_everything(spec.seed)
 
-    task, splits, pipeline = load_data_and_model(spec, row, device)
+    # Data and model: the task's splits, the pipeline for its head kind.
+    task, splits, pipeline = load_data_and_model(spec, row, device, backend.weights_dtype)
+    backend.adapt_model(pipeline.model)
     budget = spec.budget
     # Forgetting (causal LMs): general-text LM loss of the base model, before the method.
-    forgetting = probe_for(spec, task, pipeline.loaded.tokenizer)
+    forgetting = None
+    if backend.probes_forgetting:
+        forgetting = probe_for(spec, task, pipeline.loaded.tokenizer)
     if forgetting is not None:
         forgetting.before(pipeline.model, device, row)
 
     # Method: parameterisation + (data-informed) init, timed, memory-measured and checked.
-    def first_batches(n: int):
-        for i, batch in enumerate(pipeline.batches(budget.batch_size, spec.seed + 1, device)):
-            if i >= n:
-                return
-            yield batch
-
-    def init_batches(n: int):  # a bar on a terminal: inits can read many batches
-        yield from progress_bar(first_batches(n), total=n, desc=f"{spec.method} init")
-
-    saver = AdapterSaver(Path(adapters_dir) / spec.key()) if adapters_dir else None
+    saver = backend.adapter_saver()
     if saver is not None:
         saver.before_init(pipeline.model)
-    method, hp, model, probe = prepare_method(spec, pipeline, row, device, init_batches)
+    method, hp, model, probe = prepare_method(
+        spec,
+        pipeline,
+        row,
+        device,
+        backend.init_batches(pipeline),
+        dtype=backend.weights_dtype,
+        offload_statistics=backend.offload_init_statistics,
+    )
+    backend.check_init(model)
     if saver is not None:
         saver.after_init(model)
-    pipeline.loaded.model = model  # evaluators run the prepared model
 
-    # Train.
-    optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
+    # Train: one loop over the backend's steps (under ZeRO, the partitioned model).
     total_steps = planned_steps(budget, len(pipeline.train_rows))
-    checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe)
-    result = train(
-        model,
-        optimizer,
-        pipeline.loader(budget.batch_size, spec.seed),
+    optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
+    stepper = backend.wrap(pipeline, model, optimizer, method.gradient_transform(hp), total_steps)
+    model = stepper.module
+    pipeline.loaded.model = model  # evaluators run the prepared (and wrapped) model
+    pipeline.shard = backend.eval_shard()
+    checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe,
+                                      backend.weights_dtype)  # fmt: skip
+    state = backend.restore()
+    if state.step:  # e.g. SDS-LoRA: which form the restored adapter is in
+        checked.on_restore(state.step, model)
+    on_report, report_every = backend.live_reporting(total_steps)
+    result = train_loop(
+        stepper,
+        backend.training_batches(pipeline, state),
         total_steps,
-        warmup_ratio=budget.warmup_ratio,
-        max_grad_norm=budget.max_grad_norm,
-        schedule=budget.schedule or "linear",
+        state=state,
         callbacks=checked,
-        grad_transform=method.gradient_transform(hp),
         evaluate_every=spec.eval.every_steps,
         evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
-        device=device,
-        on_report=live,
-        report_every=live.interval(total_steps) if live is not None else None,
+        on_report=on_report,
+        report_every=report_every,
     )
     row["sanity_callbacks"] = checked.summary()
-    row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
+    backend.check_after_training(model)
+    row["peak_memory_mb"], row["peak_memory_kind"] = backend.peak_memory()
     row.update(
         steps=result.steps,
         train_time_s=result.train_time_s,
@@ -237,7 +244,8 @@ def _run(
         eval_curve=json.dumps(result.eval_curve),
     )
 
-    # Evaluate: select on the selection split, report the test split(s).
+    # Evaluate: select on the selection split, report the test split(s) (sharded over
+    # the ranks of a distributed trial, gathered: rank 0's row has them all).
     evaluate_into_row(task, splits, pipeline, row)
     if forgetting is not None:
         forgetting.after(model, device, row)
@@ -247,12 +255,8 @@ def _run(
     if saver is not None:  # before the merge, which may fold the adapter in place
         row.update(saver.save(model, method, spec, probe, unmerged_outputs,
                               pipeline.loaded.head_modules))  # fmt: skip
-    merged = method.merge(model)
-    row["sanity_merge"] = (
-        "not mergeable"
-        if merged is None
-        else sanity.check_merge(unmerged_outputs, sanity.outputs(merged, probe))
-    )
+    row["sanity_merge"] = backend.merge_check(method, model, probe, unmerged_outputs)
+    backend.record(row, checked)
 
 
 def prepare_method(

@@ -12,9 +12,11 @@ import torch
 import yaml
 
 from harness import identity
+from harness.batching import BatchError, BatchPlan, batch_plan
 from harness.config import ConfigError, DistributedConfig, expand, load_config, validate_config
-from harness.deepspeed_config import BatchError, BatchPlan, batch_plan, render
-from harness.distributed import check_storage, derived_max_concurrent, is_shared_storage
+from harness.deepspeed.config import render
+from harness.deepspeed.launch import derived_max_concurrent
+from harness.deepspeed.storage import check_storage, is_shared_storage
 from harness.memory_estimate import estimate, meta_model
 from tests.builders import sweep_config, two_rank_sweep_file
 from tests.conftest import REPO, with_identity
@@ -338,7 +340,7 @@ def test_init_memory_follows_the_load_dtype_and_statistics_offload():
 
 
 def test_load_dtype_follows_training_precision_unless_set():
-    from harness.deepspeed_config import resolve_load_dtype
+    from harness.deepspeed.config import resolve_load_dtype
 
     assert resolve_load_dtype(DistributedConfig(workers=2), on_gpu=True) == "bf16"
     assert resolve_load_dtype(DistributedConfig(workers=2), on_gpu=False) == "fp32"
@@ -437,7 +439,7 @@ def test_a_failed_worker_group_restarts_from_its_deepspeed_checkpoint(
 ):
     pytest.importorskip("deepspeed")
     from harness.cli import main
-    from harness.distributed import FAIL_ONCE_ENV
+    from harness.deepspeed.checkpoint import FAIL_ONCE_ENV
 
     monkeypatch.setenv(FAIL_ONCE_ENV, "6")  # both workers raise at step 6, once
     methods = {"lora": {"lrs": [1e-2], "overrides": {"rank": 4, "alpha": 8}}}
@@ -520,8 +522,8 @@ def test_ranks_together_see_the_single_device_batches(rows, world, micro):
     the data-informed init batches are the same examples on both paths."""
     from itertools import islice
 
-    from harness.deepspeed_config import batch_plan
-    from harness.distributed import RankShares
+    from harness.batching import batch_plan
+    from harness.deepspeed.rank_data import RankShares
     from harness.pipelines import Pipeline
     from harness.train import cycle
 

@@ -3,7 +3,7 @@
 A sweep starts a fresh worker group per trial (fresh processes importing torch,
 transformers and DeepSpeed: most of a tiny trial's time). The sweep path itself is tested
 in test_distributed (`test_two_worker_zero3_trials_train_and_start_identically`); here
-the rank-side trial (`harness.distributed.rank_trial`, exactly what each Train worker runs
+the rank-side trial (`harness.deepspeed.launch.rank_trial`, exactly what each Train worker runs
 in a sweep) runs once per method, one after another on the same two workers.
 """
 
@@ -35,7 +35,7 @@ def _rows_from_one_worker_group(specs: list[dict], storage: Path) -> list[dict]:
 
     def train_loop(config):  # nested: pickled by value onto the workers
         from harness.config import TrialSpec
-        from harness.distributed import rank_trial
+        from harness.deepspeed.launch import rank_trial
 
         rows = [rank_trial(TrialSpec(**spec)) for spec in config["specs"]]
         return rows if rows[0] is not None else None

@@ -102,7 +102,7 @@ def test_score_cuts_at_stop_strings_and_counts_correct_items():
 
 def test_target_token_count_is_the_causal_lm_loss_denominator():
     """`target_tokens_in` counts what the model's loss averages over, so weighting
-    micro-batch losses by it (harness.distributed.global_batch_step) rebuilds the whole
+    micro-batch losses by it (harness.deepspeed.engine.global_batch_step) rebuilds the whole
     batch's loss exactly, however unevenly the answers' lengths fall."""
     from harness.pipelines import pad_causal_batch, target_tokens_in
     from tasks.generative import IGNORE_INDEX

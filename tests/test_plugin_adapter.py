@@ -231,7 +231,7 @@ def test_every_registered_method_answers_the_adapter_contract():
 
 def weighted(weight: float = 2.5) -> WeightedBatch:
     b = WeightedBatch(batch(1))
-    b.loss_weight = weight  # as harness/distributed.py sets it
+    b.loss_weight = weight  # as harness/deepspeed/rank_data.py sets it
     return b
 
 

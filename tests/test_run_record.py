@@ -226,13 +226,13 @@ def test_there_are_committed_results_to_check():
 
 
 # ----------------------------------------------------------------- (d) what the code writes
-ROW_WRITERS = ("harness/trial.py", "harness/distributed.py", "harness/forgetting.py",
-               "harness/sweep.py")  # fmt: skip
+ROW_WRITERS = ("harness/trial.py", "harness/deepspeed/launch.py", "harness/deepspeed/engine.py",
+               "harness/forgetting.py", "harness/sweep.py")  # fmt: skip
 # Functions whose returned dict is merged into a row (row.update(f(...))): where they live.
 ROW_PRODUCERS = {
     "hardware": "harness/provenance.py",
     "save": "harness/adapters.py",
-    "_copy_adapter": "harness/distributed.py",
+    "copy_adapter": "harness/deepspeed/checkpoint.py",
     "ray_node": "harness/sweep.py",
     "base_row": "harness/trial.py",
 }

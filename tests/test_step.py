@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.distributed import ClipAndTransform
+from harness.deepspeed.engine import ClipAndTransform
 from harness.train import (
     Diverged,
     LocalGradients,
@@ -124,7 +124,7 @@ def test_the_boundary_step_clips_then_transforms_then_updates_as_computed_by_han
 
 
 def test_one_device_and_the_zero_hook_take_the_same_step_bit_for_bit():
-    """The local step (`.grad` in place) and harness.distributed's boundary hook over a
+    """The local step (`.grad` in place) and harness.deepspeed's boundary hook over a
     ZeRO-like copying access: the same clipped, preconditioned gradients, to the bit."""
     transform = riemannian_preconditioner(0.05)
     local, zero_like = LoraPair(), LoraPair()

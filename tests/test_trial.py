@@ -103,12 +103,12 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
     monkeypatch.setattr("harness.trial._majority_baseline", lambda task, splits: 0.5)
     evaluate_into_row(task, splits, pipeline, row)
     assert row["test_score"] == pytest.approx(0.4) and row["test_metric"] == "average"
-    # Both paths call this very function (the distributed one once lacked the summary): read
-    # from the modules' source, as tests/test_layout reads imports.
+    # Both paths are the one recipe, which calls this very function (the distributed one
+    # once lacked the summary): read from the modules' source, as tests/test_layout does.
     import ast
     import inspect
 
-    import harness.distributed as distributed
+    import harness.deepspeed.launch as launch
     import harness.trial as trial
 
     def calls(module, name: str) -> bool:
@@ -126,5 +126,6 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
             for node in ast.walk(tree)
         )  # fmt: skip
 
-    assert calls(trial, "evaluate_into_row") and calls(distributed, "evaluate_into_row")
-    assert imports_from_trial(distributed, "evaluate_into_row")  # not a copy of its own
+    assert calls(trial, "evaluate_into_row") and calls(trial, "run_recipe")
+    assert calls(launch, "run_recipe") and imports_from_trial(launch, "run_recipe")
+    assert not calls(launch, "evaluate_into_row")  # no second copy of the recipe

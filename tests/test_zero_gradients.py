@@ -107,22 +107,17 @@ def _zero_rank(rank: int, stage: int, optimizer: str, keep: str, port: int, out:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     import deepspeed
 
-    from harness.deepspeed_config import render
-    from harness.distributed import (
-        ClipAndTransform,
-        ZeroParamAccess,
-        _no_shm_comm,
-        global_batch_step,
-        trainable_parameters,
-    )
+    from harness.deepspeed.config import render
+    from harness.deepspeed.engine import ClipAndTransform, disable_shm_comm, global_batch_step
+    from harness.deepspeed.zero_access import ZeroParamAccess, trainable_parameters
 
-    _no_shm_comm(deepspeed)
+    disable_shm_comm(deepspeed)
     method, hp, model, train = _prepared(optimizer, keep)
     transform = method.gradient_transform(hp)
     config = render(
         DistributedConfig(workers=WORLD, zero_stage=stage, micro_batch_size=MICRO),
         global_batch=GLOBAL_BATCH,
-        # As _run_rank renders it: the harness clips for a method with a gradient transform.
+        # As DeepSpeedBackend renders it: the harness clips for a method with a gradient transform.
         max_grad_norm=None if transform else MAX_NORM,
         on_gpu=False,
     )
@@ -233,8 +228,8 @@ def _init_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from harness.deepspeed_config import batch_plan
-    from harness.distributed import RankShares
+    from harness.batching import batch_plan
+    from harness.deepspeed.rank_data import RankShares
     from methods.base import model_inputs
 
     shares = RankShares(_causal_pipeline(), batch_plan(GLOBAL_BATCH, WORLD, MICRO), rank, "cpu")

@@ -1,4 +1,5 @@
-"""DeepSpeed JSON configs for distributed trials, rendered from the sweep's `distributed` section.
+"""DeepSpeed JSON configs for distributed trials, rendered from the sweep's `distributed`
+section.
 
 Batch arithmetic (global = micro x accumulation x world, exact or an error) is
 harness.batching's.
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# The batch arithmetic is harness.batching's; its names stay importable from here.
-from harness.batching import BatchError as BatchError
-from harness.batching import BatchPlan as BatchPlan
 from harness.batching import batch_plan
 from harness.config import DistributedConfig
 
