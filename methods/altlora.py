@@ -36,7 +36,7 @@ Here: a plain peft LoRA adapter (peft's init, so training starts at W0), trained
 that computes the official update direction, M / (1 - beta1^n), for the active factors and
 zero for the inactive one. The transform runs once per optimizer step, in order, identically
 on every rank, so its step count, momenta and previous factors live in its closure; it sees
-full tensors, so the same code runs on one device and under ZeRO (harness.distributed
+full tensors, so the same code runs on one device and under ZeRO (harness.deepspeed
 ClipAndTransform assembles the full gradients; SGD is elementwise on the partitions).
 
 Deviations from the official code, each deliberate:

@@ -227,7 +227,7 @@ class TrainCallback(Protocol):
 # A rewrite of one optimizer step's gradients, applied after clipping and before the
 # optimizer step: (full trainable parameters by name, their full gradients by name) -> the
 # gradients it replaces, by name. Pure on full tensors, so the harness can apply it on one
-# device and under ZeRO, whose optimizer only ever sees flat partitions (harness.distributed
+# device and under ZeRO, whose optimizer only ever sees flat partitions (harness.deepspeed
 # assembles the full tensors, then scatters the result back).
 GradientTransform = Callable[
     [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]

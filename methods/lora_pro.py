@@ -37,7 +37,7 @@ Two variants, `full_momentum`:
   fine-tuning gradients"): the optimal adjustment (with the Sylvester X) of each step's raw
   gradients, then plain torch AdamW on A and B. A pure `gradient_transform`, so it runs on one
   device and under ZeRO (applied to assembled full gradients at the accumulation boundary,
-  harness.distributed.ClipAndTransform).
+  harness.deepspeed.engine.ClipAndTransform).
 
 Every place this differs from the official code:
 - Adam bias correction uses step t (1, 2, ...); the official increments `global_step` before

@@ -11,7 +11,7 @@ then one AdamW step on the rewritten gradients (the paper's "scaled AdamW": the 
 preconditioners are applied before the moments, so Adam's state tracks the scaled
 gradients). The preconditioner is LoRA-One's `riemannian_preconditioner` (methods/lora_one.py,
 imported, not copied), the same `gradient_transform` the harness applies after clipping on
-one device and on assembled full gradients under ZeRO (harness/distributed.py), so the method
+one device and on assembled full gradients under ZeRO (harness/deepspeed/), so the method
 also trains under DeepSpeed by the existing contract. It equals peft's
 `peft.optimizers.create_riemannian_optimizer(model, torch.optim.AdamW, lr=..., reg=lambda)`
 (src/peft/optimizers/riemannian.py: simultaneous preconditioning of A and B from the current
