@@ -12,6 +12,8 @@ text-to-text (`head_kind`), and then its row records the text-to-text protocol
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,27 @@ def pooling_problem(task: Task, model_type: str | None, pooling: str) -> str | N
     return None
 
 
+@dataclass(frozen=True)
+class PipelineRequest:
+    """Everything a pipeline builder reads: the task and its splits, the model, the budget's
+    lengths and where the weights live. `dtype`: the weights as loaded (float32, or bfloat16
+    for large distributed trials); `head_pooling`: what a sequence head reads
+    (harness.models.HEAD_POOLINGS)."""
+
+    task: Task
+    splits: DataSplits
+    source: ModelSource
+    max_length: int
+    eval_batch_size: int
+    max_new_tokens: int | None
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    head_pooling: str = "cls"
+
+
+PipelineBuilder = Callable[[PipelineRequest], Pipeline]
+
+
 def build_pipeline(
     task: Task,
     splits: DataSplits,
@@ -80,8 +103,11 @@ def build_pipeline(
     dtype: torch.dtype = torch.float32,
     head_pooling: str = "cls",
 ) -> Pipeline:
-    """`dtype`: the weights as loaded (float32, or bfloat16 for large distributed trials);
-    `head_pooling`: what a sequence head reads (harness.models.HEAD_POOLINGS)."""
+    """The pipeline `PIPELINE_BUILDERS` registers for this task's head kind on this family."""
+    request = PipelineRequest(
+        task, splits, source, max_length, eval_batch_size, max_new_tokens, device, dtype,
+        head_pooling,
+    )  # fmt: skip
     model_type = source_model_type(source)
     if problem := pooling_problem(task, model_type, head_pooling):
         raise ValueError(problem)
@@ -90,36 +116,22 @@ def build_pipeline(
             f"task {task.id} (head {task.head!r}) has no pipeline on the encoder-decoder "
             f"{source.model_id} ({model_type}); only classification/regression run text-to-text"
         )
-    if head_kind(task, model_type) == "seq2seq":
-        from harness.seq2seq_pipeline import seq2seq_pipeline
-
-        return seq2seq_pipeline(task, splits, source, max_length, eval_batch_size, device, dtype)
-    if task.head in ("classification", "regression"):
-        return _sequence_pipeline(
-            task, splits, source, max_length, eval_batch_size, device, dtype, head_pooling
-        )
-
-    if task.head == "causal_lm":
-        assert isinstance(task, GenerativeTask)
-        return _causal_lm_pipeline(
-            task, splits, source, max_length, eval_batch_size, max_new_tokens, device, dtype
-        )
-    if dtype != torch.float32:
-        raise ValueError(f"image pipelines load float32 only, not {dtype}")
-    if task.head == "image_classification":
-        from harness.image_pipeline import image_pipeline
-
-        return image_pipeline(task, splits, source, eval_batch_size, device)
-    raise ValueError(f"task {task.id} has head kind {task.head!r}, which no pipeline serves")
+    kind = head_kind(task, model_type)
+    if kind not in PIPELINE_BUILDERS:
+        raise ValueError(f"task {task.id} has head kind {kind!r}, which no pipeline serves")
+    return PIPELINE_BUILDERS[kind](request)
 
 
 # ---------------------------------------------------------------- sequence classification
 
 
-def _sequence_pipeline(
-    task, splits, source, max_length, eval_batch_size, device, dtype=torch.float32, pooling="cls"
-) -> Pipeline:
+def sequence_pipeline(request: PipelineRequest) -> Pipeline:
+    """Classification/regression on an encoder's logits."""
     from transformers import DataCollatorWithPadding
+
+    task, splits, device = request.task, request.splits, request.device
+    max_length, eval_batch_size = request.max_length, request.eval_batch_size
+    source, dtype, pooling = request.source, request.dtype, request.head_pooling
 
     loaded = load_sequence_model(
         source, task.num_labels, task.head == "regression", dtype, pooling=pooling
@@ -183,17 +195,15 @@ def pad_causal_batch(pad_id: int):
     return collate
 
 
-def _causal_lm_pipeline(
-    task: GenerativeTask,
-    splits,
-    source,
-    max_length,
-    eval_batch_size,
-    max_new_tokens,
-    device,
-    dtype=torch.float32,
-) -> Pipeline:
-    loaded = load_causal_lm(source, dtype)
+def causal_lm_pipeline(request: PipelineRequest) -> Pipeline:
+    """Generative tasks on a causal LM: greedy generation scored by the task's answer
+    extraction; selection by held-out response loss where the task asks for it."""
+    task, splits, device = request.task, request.splits, request.device
+    max_length, eval_batch_size = request.max_length, request.eval_batch_size
+    max_new_tokens = request.max_new_tokens
+    if not isinstance(task, GenerativeTask):
+        raise TypeError(f"task {task.id} has head causal_lm but is not a GenerativeTask")
+    loaded = load_causal_lm(request.source, request.dtype)
     loaded.model.to(device)
     tokenizer = loaded.tokenizer
     rows = _to_rows(task.encode(tokenizer, splits.train, max_length))
@@ -258,3 +268,31 @@ def _loss_evaluator(encoded, pipeline: Pipeline, device):
         return {"neg_loss": -total / max(tokens, 1)}
 
     return run
+
+
+def _seq2seq(request: PipelineRequest) -> Pipeline:
+    from harness.seq2seq_pipeline import seq2seq_pipeline  # imported when used: T5 only
+
+    r = request
+    return seq2seq_pipeline(
+        r.task, r.splits, r.source, r.max_length, r.eval_batch_size, r.device, r.dtype
+    )
+
+
+def _image(request: PipelineRequest) -> Pipeline:
+    if request.dtype != torch.float32:
+        raise ValueError(f"image pipelines load float32 only, not {request.dtype}")
+    from harness.image_pipeline import image_pipeline  # imported when used: vision only
+
+    r = request
+    return image_pipeline(r.task, r.splits, r.source, r.eval_batch_size, r.device)
+
+
+# One entry per head kind (tasks.base.HeadKind); a new head kind is one builder and one line.
+PIPELINE_BUILDERS: dict[HeadKind, PipelineBuilder] = {
+    "classification": sequence_pipeline,
+    "regression": sequence_pipeline,
+    "causal_lm": causal_lm_pipeline,
+    "image_classification": _image,
+    "seq2seq": _seq2seq,
+}
