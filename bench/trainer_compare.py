@@ -201,7 +201,8 @@ def write_config(raw: dict[str, Any], folder: Path) -> Path:
 def harness_trial(method: str, seed: int, threads: int | None) -> dict[str, Any]:
     """One harness trial in this process, no Ray: `run_trial` on the sweep's resolved spec."""
     from harness import identity
-    from harness.config import expand, load_config
+    from harness.config import load_config
+    from harness.identity import expand
     from harness.trial import run_trial
 
     times = {"import_s": time.perf_counter() - STARTED}

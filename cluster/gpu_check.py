@@ -5,8 +5,8 @@ On a GPU machine whose Python has torch, transformers, peft (and pandas, pyarrow
 scikit-learn) but not ray, deepspeed or datasets, and no network:
 
   (a) bf16 single-GPU trials (LoRA and LoRA-GA) on MiniLM and real SST-2, WITHOUT Ray: the
-      harness's own single-device path (harness.trial's load/prepare/evaluate functions and
-      harness.train.train) under torch.autocast(bfloat16); MFU against the device's peak;
+      harness's own trial (harness.trial.run_trial with `autocast=torch.bfloat16`: the one
+      recipe, init/training/evaluation autocast, fp32 weights); MFU against the device's peak;
   (b) the bench table: `harness bench --all` when the CLI has it, else the classic
       `bench_train_step` + `bench_init_cost` functions; in a subprocess with a time limit;
   (c) a 1-GPU DeepSpeed ZeRO-2 run of a few steps (harness.deepspeed.config.render,
@@ -151,7 +151,8 @@ def trial_specs(sizes: dict[str, Any], methods_and_overrides: dict[str, dict], d
     import yaml
 
     from harness import identity
-    from harness.config import expand, load_config
+    from harness.config import load_config
+    from harness.identity import expand
 
     raw = {
         "name": f"gpu-check-{device_kind}",
@@ -183,13 +184,6 @@ def compute_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def autocast(device):
-    import torch
-
-    dtype = compute_dtype(device)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def first_batches(pipeline, batch_size: int, seed: int, device):
     """The trial's init-batch stream (as harness.trial: seed + 1), cut at n."""
     return lambda n: itertools.islice(pipeline.batches(batch_size, seed + 1, device), n)
@@ -206,74 +200,25 @@ def peak_flops(device) -> dict[str, Any]:
 
 
 def bf16_trial(spec, device, peak: dict[str, Any]) -> dict[str, Any]:
-    """One single-device trial in bf16 autocast (fp32 on CPU), without Ray, through the
-    harness's trial functions (the steps of harness.trial.run_trial, which trains in fp32)."""
+    """One single-device trial in bf16 autocast (fp32 on CPU), without Ray: the harness's
+    own trial (harness.trial.run_trial, its one recipe) with init, training and evaluation
+    autocast, fp32 weights and optimizer states."""
     import torch
 
-    from harness import memory, provenance, sanity
-    from harness.train import train
-    from harness.trial import (
-        STATUS_FAILED,
-        base_row,
-        evaluate_into_row,
-        load_data_and_model,
-        planned_steps,
-        prepare_method,
-        seed_everything,
-    )
+    from harness.trial import STATUS_OK, run_trial
 
-    row = base_row(spec)
     dtype = compute_dtype(device)
+    row = run_trial(spec, autocast=dtype if dtype != torch.float32 else None)
     row["precision"] = (
         "bf16 autocast (fp32 weights and optimizer states)" if dtype == torch.bfloat16 else "fp32"
     )
-    started = time.perf_counter()
-    try:
-        torch.set_num_threads(spec.threads)
-        row.update(provenance.hardware(device))
-        seed_everything(spec.seed)
-        budget = spec.budget
-        loaded_at = time.perf_counter()
-        task, splits, pipeline = load_data_and_model(spec, row, device)
-        row["load_time_s"] = time.perf_counter() - loaded_at
-        init_batches = first_batches(pipeline, budget.batch_size, spec.seed, device)
-        with autocast(device):
-            method, hp, model, probe = prepare_method(
-                spec, pipeline, row, device, init_batches, dtype=dtype
-            )
-        pipeline.loaded.model = model
-        optimizer = method.build_optimizer(model, spec.lr, hp, budget.weight_decay)
-        total_steps = planned_steps(budget, len(pipeline.train_rows))
-        checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe, dtype)
-        memory.reset_peak(device)
-        with autocast(device):
-            result = train(
-                model, optimizer, pipeline.loader(budget.batch_size, spec.seed), total_steps,
-                warmup_ratio=budget.warmup_ratio, max_grad_norm=budget.max_grad_norm,
-                schedule=budget.schedule or "linear", callbacks=checked,
-                grad_transform=method.gradient_transform(hp), device=device,
-            )  # fmt: skip
-        row["peak_memory_mb"], row["peak_memory_kind"] = memory.peak_mb(device)
-        row.update(
-            steps=result.steps,
-            train_time_s=result.train_time_s,
-            samples_per_s=result.samples / result.train_time_s,
-            tokens_per_s=result.tokens / result.train_time_s,
-            final_train_loss=result.final_loss,
-            loss_curve=result.loss_curve,
-        )
+    if row["status"] == STATUS_OK:
         # MFU: 6 x all parameters x tokens / s (harness.bench.mfu's convention), here with
         # the attention-mask tokens (no padding), so a lower bound on the kernels' work.
-        achieved = 6 * row["total_params"] * result.tokens / result.train_time_s
+        achieved = 6 * row["total_params"] * row["tokens_per_s"]
         row["achieved_flops_per_s"] = achieved
         if peak.get("peak_flops_per_s"):
             row["mfu"] = achieved / peak["peak_flops_per_s"]
-        with autocast(device):
-            evaluate_into_row(task, splits, pipeline, row)
-    except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
-        row.update(status=STATUS_FAILED, error=f"{type(err).__name__}: {err}")
-        row["traceback"] = traceback.format_exc(limit=8)[-3000:]
-    row["wall_time_s"] = time.perf_counter() - started
     return {k: v for k, v in row.items() if k not in DROPPED_ROW_FIELDS}
 
 

@@ -11,6 +11,7 @@ per step; harness.deepspeed.engine's `DeepSpeedBackend` is one rank under ZeRO-2
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from torch import nn
 
 from harness import memory, sanity
 from harness.adapters import AdapterSaver
-from harness.config import TrialSpec
+from harness.identity import TrialSpec
 from harness.progress import progress_bar
 from harness.sharding import Shard
 from harness.tracking import LiveReport
@@ -49,12 +50,19 @@ class Backend(Protocol):
     hook alike: several are collective)."""
 
     device: torch.device
-    weights_dtype: torch.dtype  # how the model is loaded and the method's checks compare
+    weights_dtype: torch.dtype  # how the model is loaded
+    # The precision the method's checks compare at: weights_dtype, or the autocast dtype.
+    checks_dtype: torch.dtype
     offload_init_statistics: bool  # data-informed inits keep gradient sums in host memory
     probes_forgetting: bool  # the forgetting probe needs the whole model on this process
 
     def start(self) -> None:
         """Process settings (threads, current device) before anything is loaded."""
+        ...
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context the method's init, training and evaluation run in (bf16 autocast on
+        one GPU; nothing otherwise). The merge check runs outside it, at weights_dtype."""
         ...
 
     def adapt_model(self, model: nn.Module) -> None:
@@ -120,17 +128,32 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """One device, one process: world size 1, one micro-batch per optimizer step."""
+    """One device, one process: world size 1, one micro-batch per optimizer step.
+
+    `autocast`: a lower compute dtype (torch.bfloat16) for init, training and evaluation,
+    with float32 weights and optimizer states (cluster/gpu_check.py's bf16 trials); None,
+    the default and what every sweep trial uses, computes in float32."""
 
     weights_dtype = torch.float32
     offload_init_statistics = False
     probes_forgetting = True
 
     def __init__(
-        self, spec: TrialSpec, live: LiveReport | None = None, adapters_dir: str | None = None
+        self,
+        spec: TrialSpec,
+        live: LiveReport | None = None,
+        adapters_dir: str | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.spec, self.live, self.adapters_dir = spec, live, adapters_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast = autocast
+        self.checks_dtype = autocast or self.weights_dtype
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
     def start(self) -> None:
         torch.set_num_threads(self.spec.threads)

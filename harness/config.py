@@ -1,4 +1,5 @@
-"""Sweep configuration: parse a YAML file, validate everything, expand into trial specs.
+"""Sweep configuration: the sweep file's schema, parsed from YAML and validated (what makes
+a run's identity, the trials a sweep names and their keys, is harness/identity.py).
 
 Validation happens here, before Ray starts, so bad input costs nothing: every problem is
 collected into one `ConfigError` message (the CLI exits with code 2).
@@ -7,8 +8,6 @@ collected into one `ConfigError` message (the CLI exits with code 2).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from types import UnionType
@@ -21,7 +20,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -81,6 +79,7 @@ class HeadConfig(_Strict):
 
 
 class Budget(_Strict):
+    # How each field enters a run's key (a new one needs a rule): harness.identity.KEY_RULES.
     max_steps: int | None = Field(None, gt=0, description="optimizer steps per trial")
     epochs: float | None = Field(None, gt=0, description="epochs over the train subset")
     batch_size: int = Field(16, gt=0)
@@ -100,17 +99,9 @@ class Budget(_Strict):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("budget needs exactly one of max_steps or epochs")
 
-    @model_serializer(mode="wrap")
-    def _without_unset_later_options(self, handler):
-        # Rows record the budget as JSON: options added later appear only when set, so rows
-        # of the same budget written before and after they existed read the same.
-        data = handler(self)
-        if isinstance(data, dict) and data.get("schedule") is None:
-            data.pop("schedule", None)
-        return data
-
 
 class EvalConfig(_Strict):
+    # How each field enters a run's key (a new one needs a rule): harness.identity.KEY_RULES.
     batch_size: int = Field(64, gt=0)
     every_steps: int | None = Field(
         None, gt=0, description="also evaluate the selection split every N steps (curves)"
@@ -134,10 +125,6 @@ class EvalConfig(_Strict):
         if value not in named and not Path(value).is_file():
             raise ValueError(f"{value!r} is neither one of {', '.join(named)} nor a text file")
         return value
-
-
-# Eval options that change no trained or reported task number: never in a run's key.
-_MEASUREMENT_ONLY_OPTIONS = ("forgetting_corpus", "forgetting_tokens", "forgetting_window")
 
 
 class Resources(_Strict):
@@ -218,6 +205,7 @@ class DistributedConfig(_Strict):
 
     The global batch is `budget.batch_size`; each rank runs `micro_batch_size` examples per
     micro-step and accumulates gradients over `global / (micro x world)` micro-steps.
+    Which fields change a trial's numbers (and so its key): harness.identity.KEY_RULES.
     """
 
     gpus_per_trial: int = Field(
@@ -288,14 +276,6 @@ class DistributedConfig(_Strict):
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_trial > 0
-
-    def key_payload(self) -> dict[str, Any]:
-        """What changes a trial's numbers (enters the content key); retries, checkpoint
-        cadence and CPU reservations do not."""
-        return self.model_dump(
-            exclude={"cpus_per_worker", "max_failures", "trial_max_failures",
-                     "checkpoint_every_steps", "save_adapter", "offload_init_statistics"}
-        ) | {"world_size": self.world_size}  # fmt: skip
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="numpy seeds are in [0, 2^32)")]
@@ -405,126 +385,6 @@ class SweepConfig(_Strict):
 
     def resolved_storage_path(self) -> str | None:
         return self.ray.storage_path or os.environ.get(STORAGE_PATH_ENV) or None
-
-
-_LATER_OPTIONS = (("eval", "max_new_tokens"), ("budget", "schedule"))
-# Top-level TrialSpec fields added later: in the key only when set (not None / not False).
-_LATER_FIELDS = ("distributed", "smoke")
-# Top-level fields added later with a non-empty default: in the key only when not the default.
-_LATER_DEFAULTS = {"head_pooling": "cls"}
-# What identifies a setting, resolved by the driver (harness/identity.py) before any trial.
-_IDENTITY_FIELDS = ("method_config", "protocol", "data_fingerprint")
-# 3: the method config holds the target modules resolved from the model's family (a
-# family's default list is part of the run's identity); 2: resolved config, protocol, data.
-KEY_VERSION = 3
-
-
-class TrialSpec(BaseModel):
-    """Everything one trial needs; plain data so it crosses to Ray workers as a dict.
-
-    `method_config`, `protocol` and `data_fingerprint` are filled in by the driver
-    (`harness.identity.resolve`): the method's hyperparameters with defaults, the task's eval
-    protocol version, and the fingerprint of the exact data the task reads. They enter the
-    content key, so a changed default, protocol or data file is a new key, never a match.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sweep: str
-    method: str
-    method_overrides: dict[str, Any]
-    task: str
-    lr: float
-    seed: int
-    model_id: str
-    model_revision: str | None
-    budget: Budget
-    eval: EvalConfig
-    data_dir: str | None
-    model_dir: str | None
-    threads: int = 1
-    # Hub dataset id -> commit the trial reads it at (provenance: the data's content
-    # fingerprint is keyed, so this is not).
-    data_revisions: dict[str, str] | None = None
-    distributed: DistributedConfig | None = None
-    smoke: bool = False
-    head_pooling: Literal["cls", "mean"] = "cls"
-    method_config: dict[str, Any] | None = None
-    protocol: str | None = None
-    data_fingerprint: str | None = None
-
-    @property
-    def resolved(self) -> bool:
-        return all(getattr(self, name) is not None for name in _IDENTITY_FIELDS)
-
-    def _payload(self) -> dict[str, Any]:
-        payload = self.model_dump(
-            exclude={"sweep", "data_dir", "model_dir", "threads", "data_revisions",
-                     *_IDENTITY_FIELDS}  # fmt: skip
-        )
-        # Options added after results were published count only when set, so the keys of
-        # existing runs (and with them resumption) stay valid.
-        for section, option in _LATER_OPTIONS:
-            if payload[section].get(option) is None:
-                payload[section].pop(option, None)
-        for option in _MEASUREMENT_ONLY_OPTIONS:
-            payload["eval"].pop(option, None)
-        for name in _LATER_FIELDS:
-            if not payload.get(name):
-                payload.pop(name, None)
-        for name, default in _LATER_DEFAULTS.items():
-            if payload.get(name) == default:
-                payload.pop(name, None)
-        if self.distributed is not None:
-            payload["distributed"] = self.distributed.key_payload()
-        return payload
-
-    @staticmethod
-    def _hash(payload: dict[str, Any]) -> str:
-        blob = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def _resolved_payload(
-        self, version: int = KEY_VERSION, method_config: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        if not self.resolved:
-            raise ValueError(
-                "trial spec is not resolved (method_config/protocol/data_fingerprint unset); "
-                "harness.identity.resolve fills them in"
-            )
-        payload = self._payload()
-        # The resolved config replaces the overrides: {rank: 8} and {} (default 8) are one
-        # setting, and a changed default is a different one.
-        payload.pop("method_overrides")
-        payload.update({name: getattr(self, name) for name in _IDENTITY_FIELDS})
-        if method_config is not None:
-            payload["method_config"] = method_config
-        payload["key_version"] = version
-        return payload
-
-    def key(self) -> str:
-        """Content key: hash of the resolved method config, task + protocol version, model
-        id/revision, data fingerprint, budget, eval options, seed and lr (data location,
-        threads and the sweep's name aside)."""
-        return self._hash(self._resolved_payload())
-
-    def setting_key(self) -> str:
-        """The key without seed and lr: runs that may be aggregated into one leaderboard row
-        (LRs are chosen among them, seeds averaged)."""
-        payload = self._resolved_payload()
-        del payload["seed"], payload["lr"]
-        return self._hash(payload)
-
-    def earlier_key(self, version: int, method_config: dict[str, Any]) -> str:
-        """The key this spec had under an earlier resolved version (2), given the method
-        config as that version resolved it (harness.identity works it out): recognises runs
-        recorded before a key change so they can be re-keyed, never run again."""
-        return self._hash(self._resolved_payload(version, method_config))
-
-    def legacy_key(self) -> str:
-        """Key version 1 (before the identity fields): hash of the unresolved spec. Used only
-        to recognise runs recorded before version 2 (harness.identity.migrate_runs)."""
-        return self._hash(self._payload())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -821,13 +681,13 @@ def _distributed_problems(cfg: SweepConfig, hps: dict[str, Any]) -> list[str]:
     import methods
 
     for name, hp in hps.items():
-        reason = _zero_unsupported(methods.get_method(name), hp)
+        reason = zero_unsupported_reason(methods.get_method(name), hp)
         if reason:
             problems.append(f"methods.{name}: not supported under DeepSpeed ZeRO: {reason}")
     return problems
 
 
-def _zero_unsupported(method: Any, hp: Any) -> str | None:
+def zero_unsupported_reason(method: Any, hp: Any) -> str | None:
     """Why a method cannot train under ZeRO (None if it can).
 
     ZeRO flattens the trainable parameters into per-rank fp32 partitions that the engine
@@ -846,33 +706,3 @@ def _zero_unsupported(method: Any, hp: Any) -> str | None:
     # A method whose own optimizer needs whole matrices says why (lora_pro's full momentum).
     reason = getattr(method, "zero_unsupported_reason", None)
     return reason(hp) if reason is not None else None
-
-
-def expand(cfg: SweepConfig) -> list[TrialSpec]:
-    """The grid: method x task x lr x seed, in a stable order."""
-    threads = max(1, int(cfg.resources.cpus_per_trial))
-    return [
-        TrialSpec(
-            sweep=cfg.name,
-            method=method,
-            method_overrides=sweep.overrides,
-            task=task,
-            lr=lr,
-            seed=seed,
-            model_id=cfg.model.id,
-            model_revision=cfg.model.revision,
-            budget=cfg.budget_for(task),
-            eval=cfg.eval,
-            data_dir=cfg.resolved_data_dir(),
-            model_dir=cfg.resolved_model_dir(),
-            threads=threads,
-            data_revisions=dict(cfg.data_revisions) or None,
-            distributed=cfg.distributed if cfg.distributed and cfg.distributed.enabled else None,
-            smoke=cfg.resources.smoke,
-            head_pooling=cfg.head.pooling,
-        )
-        for task in cfg.tasks
-        for method, sweep in cfg.methods.items()
-        for lr in sweep.lrs
-        for seed in cfg.seeds
-    ]

@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from harness import identity
-from harness.config import ConfigError, SweepConfig, TrialSpec, expand
+from harness.config import ConfigError, SweepConfig
+from harness.identity import TrialSpec, expand
 from harness.results import (
     JOURNAL_DIR,
     RUNS_FILE,

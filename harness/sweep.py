@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 
 from harness import adapters, provenance, tracking
-from harness.config import ConfigError, SweepConfig, TrialSpec
+from harness.config import ConfigError, SweepConfig
 from harness.crash_witness import crash_witness, read_witness
 from harness.deepspeed import launch, storage
+from harness.identity import TrialSpec
 from harness.plan import RunningTrials, sweep_plan, write_plan
 from harness.results import (
     RunRecorder,
@@ -197,7 +198,10 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v) or "nothing"
 
 
-def _make_callback(out_dir: Path, specs: list[TrialSpec], early_stop: bool = False):
+def record_runs_callback(out_dir: Path, specs: list[TrialSpec], early_stop: bool = False):
+    """The Ray Tune callback that records the trials of `specs` (by their config's `index`)
+    in `out_dir`; `early_stop` (ASHA on): a trial ended without its final report is
+    `stopped`, not failed."""
     from ray.tune import Callback
 
     class RecordRuns(Callback):
@@ -345,15 +349,15 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
                     # Reusing workers saves re-importing torch/transformers per trial; peak
                     # memory is reset per trial (harness.memory), seeds are set per trial.
                     reuse_actors=True,
-                    trial_name_creator=lambda t: _trial_name(todo[t.config["index"]]),
-                    trial_dirname_creator=lambda t: _trial_name(todo[t.config["index"]]),
+                    trial_name_creator=lambda t: trial_name(todo[t.config["index"]]),
+                    trial_dirname_creator=lambda t: trial_name(todo[t.config["index"]]),
                 ),
                 run_config=tune.RunConfig(
                     name=cfg.name,
                     storage_path=storage_dir,
                     failure_config=failure,  # Tune-level retries of a driver
                     callbacks=[
-                        recorder := _make_callback(
+                        recorder := record_runs_callback(
                             out_dir, todo, cfg.tracking.early_stop == "asha"
                         ),
                         *loggers,
@@ -404,7 +408,8 @@ def _fit(tuner: Any, recorder: Any, n_trials: int) -> str | None:
     return None
 
 
-def _trial_name(spec: TrialSpec) -> str:
+def trial_name(spec: TrialSpec) -> str:
+    """The trial's Ray Tune name and folder: readable, and unique by its key's start."""
     return (
         f"{spec.method}_{spec.task.replace('/', '-')}_lr{spec.lr:g}_s{spec.seed}_{spec.key()[:6]}"
     )

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import ConfigError, SweepConfig, TrackingConfig, TrialSpec
+from harness.config import ConfigError, SweepConfig, TrackingConfig
+from harness.identity import TrialSpec
 
 FINAL = "final"  # the report that carries the result row
 STATUS_STOPPED = "stopped"  # ended early by the scheduler; never eligible for the leaderboard

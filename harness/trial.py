@@ -24,8 +24,8 @@ import methods
 import tasks
 from harness import identity, memory, provenance, sanity
 from harness.backend import Backend, LocalBackend
-from harness.config import KEY_VERSION, TrialSpec
 from harness.forgetting import probe_for
+from harness.identity import KEY_VERSION, TrialSpec
 from harness.models import resolve_model, source_model_type
 from harness.pipelines import build_pipeline, task_protocol
 from harness.tracking import LiveReport
@@ -62,7 +62,7 @@ def base_row(spec: TrialSpec, status: str = STATUS_OK, error: str = "") -> dict[
         "model_id": spec.model_id,
         "seed": spec.seed,
         "lr": spec.lr,
-        "budget": spec.budget.model_dump_json(),
+        "budget": identity.recorded_budget(spec.budget),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": provenance.git_commit(),
         "packages": json.dumps(provenance.package_versions(), sort_keys=True),
@@ -74,9 +74,12 @@ def run_trial(
     *,
     live: LiveReport | None = None,
     adapters_dir: str | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """`live`: report while training (harness.tracking); `adapters_dir`: save the trained
-    adapter under `<adapters_dir>/<run key>/` (harness.adapters). Neither changes numbers."""
+    adapter under `<adapters_dir>/<run key>/` (harness.adapters). Neither changes numbers.
+    `autocast`: compute in this dtype with float32 weights (harness.backend.LocalBackend;
+    cluster/gpu_check.py's bf16 trials); sweeps never set it, so rows are float32."""
     spec = spec if isinstance(spec, TrialSpec) else TrialSpec(**spec)
     if not spec.resolved:  # called directly rather than by a sweep's driver
         try:
@@ -86,7 +89,7 @@ def run_trial(
     started = time.perf_counter()
     row = base_row(spec)
     try:
-        run_recipe(spec, row, LocalBackend(spec, live, adapters_dir))
+        run_recipe(spec, row, LocalBackend(spec, live, adapters_dir, autocast))
     except Diverged as err:
         row.update(status=STATUS_DIVERGED, error=str(err))
     except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
@@ -94,38 +97,6 @@ def run_trial(
         row["traceback"] = traceback.format_exc(limit=20)
     row["wall_time_s"] = time.perf_counter() - started
     return row
-
-
-def _check_identity(spec: TrialSpec, protocol: str, fingerprint: str) -> None:
-    """The worker must read what the driver keyed the run by (another node's mirror, a file
-    replaced mid-sweep, or a worker on other code would otherwise hide under that key)."""
-    if protocol != spec.protocol:
-        raise ValueError(
-            f"task {spec.task}: this worker's eval protocol {protocol!r} is not the driver's "
-            f"{spec.protocol!r} (different code on driver and worker?)"
-        )
-    if fingerprint != spec.data_fingerprint:
-        raise ValueError(
-            f"task {spec.task}: the data this worker read (fingerprint {fingerprint}) is not "
-            f"what the sweep was keyed by ({spec.data_fingerprint}); the data changed or "
-            "differs between nodes"
-        )
-
-
-def _check_method_config(spec: TrialSpec, resolved: dict[str, Any]) -> None:
-    """The worker must run the method config the driver keyed the run by (resolved from
-    this model's family: a worker on other code could otherwise adapt other modules)."""
-    if resolved != spec.method_config:
-        differ = sorted(
-            name
-            for name in {*resolved, *(spec.method_config or {})}
-            if resolved.get(name) != (spec.method_config or {}).get(name)
-        )
-        raise ValueError(
-            f"method {spec.method}: this worker resolves its config to {resolved} and the "
-            f"driver keyed the run by {spec.method_config} (differing: {', '.join(differ)}); "
-            "different code or model on driver and worker?"
-        )
 
 
 def load_data_and_model(
@@ -148,7 +119,7 @@ def load_data_and_model(
     protocol = task_protocol(task, source_model_type(source))
     row["protocol"] = protocol
     row["data_source"] = json.dumps(splits.provenance, sort_keys=True, default=str)
-    _check_identity(spec, protocol, identity.data_fingerprint(splits.provenance))
+    identity.check_worker_data(spec, protocol, identity.data_fingerprint(splits.provenance))
     row["data_kind"] = _data_kind(splits.provenance)
     row["train_rows"], row["selection_rows"] = len(splits.train), len(splits.selection)
     row["test_rows"] = json.dumps({k: len(v) for k, v in splits.test.items()})
@@ -194,15 +165,16 @@ def run_recipe(spec: TrialSpec, row: dict[str, Any], backend: Backend) -> None:
     saver = backend.adapter_saver()
     if saver is not None:
         saver.before_init(pipeline.model)
-    method, hp, model, probe = prepare_method(
-        spec,
-        pipeline,
-        row,
-        device,
-        backend.init_batches(pipeline),
-        dtype=backend.weights_dtype,
-        offload_statistics=backend.offload_init_statistics,
-    )
+    with backend.compute():
+        method, hp, model, probe = prepare_method(
+            spec,
+            pipeline,
+            row,
+            device,
+            backend.init_batches(pipeline),
+            dtype=backend.checks_dtype,
+            offload_statistics=backend.offload_init_statistics,
+        )
     backend.check_init(model)
     if saver is not None:
         saver.after_init(model)
@@ -215,22 +187,23 @@ def run_recipe(spec: TrialSpec, row: dict[str, Any], backend: Backend) -> None:
     pipeline.loaded.model = model  # evaluators run the prepared (and wrapped) model
     pipeline.shard = backend.eval_shard()
     checked = sanity.CheckedCallbacks(method.callbacks(hp, total_steps), probe,
-                                      backend.weights_dtype)  # fmt: skip
+                                      backend.checks_dtype)  # fmt: skip
     state = backend.restore()
     if state.step:  # e.g. SDS-LoRA: which form the restored adapter is in
         checked.on_restore(state.step, model)
     on_report, report_every = backend.live_reporting(total_steps)
-    result = train_loop(
-        stepper,
-        backend.training_batches(pipeline, state),
-        total_steps,
-        state=state,
-        callbacks=checked,
-        evaluate_every=spec.eval.every_steps,
-        evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
-        on_report=on_report,
-        report_every=report_every,
-    )
+    with backend.compute():
+        result = train_loop(
+            stepper,
+            backend.training_batches(pipeline, state),
+            total_steps,
+            state=state,
+            callbacks=checked,
+            evaluate_every=spec.eval.every_steps,
+            evaluate=lambda: pipeline.evaluate("selection")[task.selection_metric],
+            on_report=on_report,
+            report_every=report_every,
+        )
     row["sanity_callbacks"] = checked.summary()
     backend.check_after_training(model)
     row["peak_memory_mb"], row["peak_memory_kind"] = backend.peak_memory()
@@ -246,7 +219,8 @@ def run_recipe(spec: TrialSpec, row: dict[str, Any], backend: Backend) -> None:
 
     # Evaluate: select on the selection split, report the test split(s) (sharded over
     # the ranks of a distributed trial, gathered: rank 0's row has them all).
-    evaluate_into_row(task, splits, pipeline, row)
+    with backend.compute():
+        evaluate_into_row(task, splits, pipeline, row)
     if forgetting is not None:
         forgetting.after(model, device, row)
 
@@ -276,7 +250,7 @@ def prepare_method(
     method = methods.get_method(spec.method)
     model_type = pipeline.loaded.model_type
     resolved_here = identity.method_config(spec.method, spec.method_overrides, model_type)
-    _check_method_config(spec, resolved_here)
+    identity.check_worker_method_config(spec, resolved_here)
     hp = method.hyperparams(spec.method_overrides)
     model = pipeline.model
     ctx = methods.PrepareContext(

@@ -298,7 +298,7 @@ class LoraPro(PeftLoraMethod):
         return lora_pro_transform(hp.alpha, hp.use_rslora, hp.damping)
 
     def zero_unsupported_reason(self, hp: LoraProHyperparams) -> str | None:
-        """Read by harness.config._zero_unsupported."""
+        """Read by harness.config.zero_unsupported_reason."""
         if not hp.full_momentum:
             return None
         return (

@@ -25,7 +25,8 @@ from transformers import (
 )
 
 import methods
-from harness.config import Budget, EvalConfig, TrialSpec
+from harness.config import Budget, EvalConfig
+from harness.identity import TrialSpec
 from methods.targets import default_target_modules
 from tests.conftest import MINILM
 
@@ -179,16 +180,21 @@ def trial_spec(data_dir: str, method: str = "lora", **budget) -> TrialSpec:
     )  # fmt: skip
 
 
-def tiny_bert_folder(dest: Path) -> Path:
-    """A 2-layer random BERT (hidden 32) with MiniLM's tokenizer, saved as a model folder."""
+def tiny_bert_folder(dest: Path, dropout: float | None = None) -> Path:
+    """A 2-layer random BERT (hidden 32) with MiniLM's tokenizer, saved as a model folder.
+    `dropout`: hidden and attention dropout (None: BERT's default 0.1); 0 makes training
+    deterministic across ways of splitting a batch (one device vs ranks x micro-batches)."""
     from transformers import BertModel
 
     from harness.models import resolve_model
 
+    no_default = {} if dropout is None else {
+        "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+    }  # fmt: skip
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2, **no_default,
     )  # fmt: skip
     BertModel(config).save_pretrained(dest)  # no classifier: the task head is new, as usual
     tokenizer = Path(resolve_model(MINILM, None, None).location)
@@ -232,10 +238,13 @@ def result_row(method, lr, seed, select, test, status="ok", task="glue/sst2") ->
     }
 
 
-def two_rank_sweep_file(tmp_path: Path, mirror_dir: str, methods: dict, **dist) -> Path:
+def two_rank_sweep_file(
+    tmp_path: Path, mirror_dir: str, methods: dict, *, model_dropout: float | None = None, **dist
+) -> Path:
     """A sweep YAML of tiny-BERT trials on 2 gloo ranks under ZeRO-3 (`dist` overrides the
-    distributed section). 8 train rows = one global batch: every step sees the same
-    examples, so the loss must fall; micro 2 x accumulation 2 x 2 ranks = 8."""
+    distributed section; `model_dropout` as `tiny_bert_folder`'s). 8 train rows = one global
+    batch: every step sees the same examples, so the loss must fall; micro 2 x accumulation
+    2 x 2 ranks = 8."""
     import yaml
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -244,7 +253,7 @@ def two_rank_sweep_file(tmp_path: Path, mirror_dir: str, methods: dict, **dist) 
         yaml.safe_dump(
             {
                 "name": "dist",
-                "model": {"id": str(tiny_bert_folder(tmp_path / "tiny-bert"))},
+                "model": {"id": str(tiny_bert_folder(tmp_path / "tiny-bert", model_dropout))},
                 "tasks": ["glue/sst2"],
                 "methods": methods,
                 "seeds": [0],

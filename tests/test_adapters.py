@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 
 from harness import adapters, identity
-from harness.config import Budget, EvalConfig, TrialSpec
+from harness.config import Budget, EvalConfig
+from harness.identity import TrialSpec
 from harness.results import normalise_runs, read_runs
 from harness.trial import load_data_and_model, run_trial
 from tests.conftest import MINILM

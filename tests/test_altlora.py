@@ -248,7 +248,7 @@ def test_the_inactive_factor_does_not_move_and_joint_mode_moves_both():
 
 
 def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
-    from harness.config import _zero_unsupported, validate_config
+    from harness.config import validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method("altlora")
@@ -261,7 +261,7 @@ def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
     model = method.prepare(tiny_bert(), method.hyperparams({"rank": RANK}), ctx())
     layer = model.base_model.model.get_submodule(LAYER)
     assert not layer.lora_B["default"].weight.any() and layer.scaling["default"] == 16.0 / RANK
-    assert _zero_unsupported(method, hp) is None  # a gradient transform: ZeRO-capable
+    assert zero_unsupported_reason(method, hp) is None  # a gradient transform: ZeRO-capable
     assert validate_config(
         sweep_config(distributed={"workers": 2}, methods={"altlora": {"lrs": [1e-3]}})
     )

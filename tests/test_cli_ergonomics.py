@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import ConfigError, apply_assignments, expand, load_config
+from harness.config import ConfigError, apply_assignments, load_config
+from harness.identity import expand
 from tests.conftest import MINILM, REPO
 
 BASE = {
@@ -254,12 +255,12 @@ def test_status_of_an_empty_or_missing_dir(tmp_path, capsys):
 
 def test_the_sweep_callback_keeps_the_running_list(tmp_path):
     from harness.plan import RUNNING_FILE
-    from harness.sweep import _make_callback
+    from harness.sweep import record_runs_callback
     from tests.conftest import with_identity
 
     cfg = load_config(_config(tmp_path, tmp_path / "out"))
     specs = with_identity(expand(cfg))
-    callback = _make_callback(tmp_path / "out", specs)
+    callback = record_runs_callback(tmp_path / "out", specs)
     trials = [SimpleNamespace(config={"index": i}, trial_id=f"t{i}") for i in (1, 2)]
     for trial in trials:
         callback.on_trial_start(0, [], trial)

@@ -22,9 +22,10 @@ import yaml
 
 from harness import identity
 from harness.cli import EXIT_BAD_INPUT
-from harness.config import expand, load_config
+from harness.config import load_config
+from harness.identity import expand
 from harness.results import read_runs
-from harness.sweep import _trial_name
+from harness.sweep import trial_name
 from tests.conftest import MINILM, REPO
 
 _spec = importlib.util.spec_from_file_location("two_node", REPO / "cluster" / "two_node.py")
@@ -91,7 +92,7 @@ def test_two_node_sweep_survives_a_killed_worker_and_a_rerun_completes(netns, tm
     config = _config(tmp_path, mirror_dir)
     out = tmp_path / "out"
     specs = identity.resolve(expand(load_config(config)))
-    name_to_key = {_trial_name(s): s.key() for s in specs}
+    name_to_key = {trial_name(s): s.key() for s in specs}
     expected = set(name_to_key.values())
     log = tmp_path / "driver.log"
     env = {"HF_HUB_OFFLINE": "1", "HARNESS_DATA_DIR": mirror_dir, "TOKENIZERS_PARALLELISM": "false"}

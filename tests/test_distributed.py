@@ -13,10 +13,11 @@ import yaml
 
 from harness import identity
 from harness.batching import BatchError, BatchPlan, batch_plan
-from harness.config import ConfigError, DistributedConfig, expand, load_config, validate_config
+from harness.config import ConfigError, DistributedConfig, load_config, validate_config
 from harness.deepspeed.config import render
 from harness.deepspeed.launch import derived_max_concurrent
 from harness.deepspeed.storage import check_storage, is_shared_storage
+from harness.identity import KEY_VERSION, expand
 from harness.memory_estimate import estimate, meta_model
 from tests.builders import sweep_config, two_rank_sweep_file
 from tests.conftest import REPO, with_identity
@@ -135,8 +136,6 @@ def test_committed_results_keep_their_keys(mirror_dir, name):
     extending them runs nothing twice. The long sweep's rows keep their first (version-1)
     key; LoRA-GA's spec now pins its old behaviour through the `legacy` preset, so only the
     other methods' specs still hash to it."""
-    from harness.config import KEY_VERSION
-
     runs = pd.read_parquet(REPO / "results" / name / "runs.parquet")
     config = name.replace("-", "_") + ".yaml"
     cfg = load_config(REPO / "harness" / "configs" / config, {"data_dir": mirror_dir})
@@ -144,6 +143,8 @@ def test_committed_results_keep_their_keys(mirror_dir, name):
     assert {s.key() for s in specs} == set(runs["key"])
     assert set(runs["key_version"]) == {KEY_VERSION}
     assert {s.setting_key() for s in specs} == set(runs["setting_key"])
+    # Rows record the budget as they did (options added later only when set).
+    assert {identity.recorded_budget(s.budget) for s in specs} == set(runs["budget"])
     if name == "glue-minilm-long":
         unchanged = [s for s in specs if s.method != "lora_ga"]
         recorded = set(runs.loc[runs["method"] != "lora_ga", "legacy_key"])

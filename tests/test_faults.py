@@ -17,7 +17,8 @@ from torch import nn
 
 from harness import identity
 from harness.cli import main
-from harness.config import expand, load_config
+from harness.config import load_config
+from harness.identity import expand
 from harness.results import read_runs
 from harness.train import Diverged, check_divergence, train
 from tests.conftest import MINILM, REPO
@@ -194,7 +195,7 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
     import ray
     from ray import tune
 
-    from harness.sweep import _make_callback
+    from harness.sweep import record_runs_callback
     from tests.conftest import with_identity
 
     raw = yaml.safe_load(_config(tmp_path, str(tmp_path)).read_text())
@@ -214,7 +215,7 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
                          "signal": tune.sample_from(lambda c: KILLS[c.config.index][0])},
             run_config=tune.RunConfig(
                 name="exp", storage_path=str(tmp_path / "ray"), verbose=0,
-                callbacks=[_make_callback(out, specs)],
+                callbacks=[record_runs_callback(out, specs)],
             ),
         ).fit()  # fmt: skip
     finally:

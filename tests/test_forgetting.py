@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from harness import forgetting
-from harness.config import Budget, EvalConfig, TrialSpec
+from harness.config import Budget, EvalConfig
+from harness.identity import TrialSpec
 from harness.trial import run_trial
 from tests.conftest import with_identity
 from tests.tiny_causal_lm import byte_level_tokenizer, save_tiny_causal_lm, tiny_random_llama

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 import tasks
-from harness.config import Budget, EvalConfig, TrialSpec
+from harness.config import Budget, EvalConfig
+from harness.identity import TrialSpec
 from harness.trial import run_trial
 from tasks.math_reasoning import math_prediction
 from tasks.protocols.commonsense import build_prompt

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness import identity
-from harness.config import ConfigError, TrialSpec
+from harness.config import ConfigError
+from harness.identity import TrialSpec
 from harness.models import MaskedMeanPooler, use_mean_pooling
 from tests.builders import tiny_bert, trial_spec
 

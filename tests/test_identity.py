@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, get_args
 
 import pandas as pd
 import pytest
+from pydantic import BaseModel
 
 import methods
 import tasks
 from harness import identity
-from harness.config import KEY_VERSION, Budget, ConfigError, EvalConfig, TrialSpec
+from harness.config import Budget, ConfigError, DistributedConfig, EvalConfig
+from harness.identity import KEY_VERSION, TrialSpec
 from harness.results import build_leaderboard, normalise_runs, read_runs, write_runs
 from harness.sweep import pending_specs
-from harness.trial import _check_identity
 from tests.conftest import MINILM
 
 BUDGET = Budget(max_steps=2, batch_size=4, max_length=16, train_rows=16, selection_rows=8,
@@ -49,6 +51,132 @@ def rte_copy(tmp_path, mirror_dir) -> Path:
 def test_unresolved_spec_has_no_content_key():
     with pytest.raises(ValueError, match="not resolved"):
         spec(None).key()
+
+
+# ------------------------------------------------------------- KEY_RULES: each option's rule
+
+
+def option_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every field of `model` by dotted path, into its sections (fields typed as models)."""
+    paths: set[str] = set()
+    for name, field in model.model_fields.items():
+        paths.add(f"{prefix}{name}")
+        for typ in (field.annotation, *get_args(field.annotation)):
+            if isinstance(typ, type) and issubclass(typ, BaseModel):
+                paths |= option_paths(typ, f"{prefix}{name}.")
+    return paths
+
+
+def test_every_option_of_a_trial_has_a_key_rule():
+    """A field added to TrialSpec, Budget, EvalConfig or DistributedConfig needs a rule in
+    identity.KEY_RULES (else committed runs could silently get new keys); a rule for a
+    field that no longer exists is stale."""
+    fields, rules = option_paths(TrialSpec), set(identity.KEY_RULES)
+    assert not fields - rules, f"no rule in identity.KEY_RULES for {sorted(fields - rules)}"
+    assert not rules - fields, f"identity.KEY_RULES names no such field: {rules - fields}"
+
+
+def test_the_rule_check_finds_a_field_added_to_any_section():
+    class WiderBudget(Budget):
+        warmup_steps: int = 0
+
+    class WiderDistributed(DistributedConfig):
+        pipeline_stages: int = 1
+
+    class WiderSpec(TrialSpec):
+        budget: WiderBudget
+        distributed: WiderDistributed | None = None
+        label_smoothing: float = 0.0
+
+    missing = option_paths(WiderSpec) - set(identity.KEY_RULES)
+    assert missing == {"budget.warmup_steps", "distributed.pipeline_stages", "label_smoothing"}
+
+
+def resolved_spec(**fields: Any) -> TrialSpec:
+    """A resolved spec (no data read)."""
+    base = {"method_config": {"rank": 8}, "protocol": "p", "data_fingerprint": "f"}
+    return spec(None, **{**base, **fields})
+
+
+def with_option(s: TrialSpec, path: str, value: Any) -> TrialSpec:
+    """`s` with the option at dotted `path` set to `value` (not validated: keys only)."""
+    section, _, name = path.rpartition(".")
+    if not section:
+        return s.model_copy(update={name: value})
+    inner = getattr(s, section).model_copy(update={name: value})
+    return s.model_copy(update={section: inner})
+
+
+# A value other than the default for every option in KEY_RULES (a new rule needs one here).
+OTHER_VALUES: dict[str, Any] = {
+    "method": "dora", "task": "glue/sst2", "lr": 2e-3, "seed": 1, "model_id": "other/model",
+    "model_revision": "abc123", "budget": BUDGET.model_copy(update={"max_steps": 3}),
+    "eval": EvalConfig(batch_size=16), "method_overrides": {"rank": 8},
+    "method_config": {"rank": 16}, "protocol": "p2", "data_fingerprint": "f2",
+    "distributed": DistributedConfig(workers=2), "smoke": True, "head_pooling": "mean",
+    "sweep": "other", "data_dir": "/elsewhere", "model_dir": "/models", "threads": 4,
+    "data_revisions": {"nyu-mll/glue": "abc123"},
+    "budget.max_steps": 3, "budget.epochs": 1.0, "budget.batch_size": 8,
+    "budget.max_length": 32, "budget.train_rows": 32, "budget.selection_rows": 4,
+    "budget.test_rows": 4, "budget.warmup_ratio": 0.1, "budget.weight_decay": 0.01,
+    "budget.max_grad_norm": None, "budget.schedule": "cosine",
+    "eval.batch_size": 16, "eval.every_steps": 5, "eval.max_new_tokens": 5,
+    "eval.forgetting_corpus": "none", "eval.forgetting_tokens": 512,
+    "eval.forgetting_window": 128,
+    "distributed.gpus_per_trial": 2, "distributed.workers": 4, "distributed.zero_stage": 2,
+    "distributed.offload_optimizer": True, "distributed.offload_params": True,
+    "distributed.gradient_checkpointing": False, "distributed.load_dtype": "fp32",
+    "distributed.micro_batch_size": 1, "distributed.precision": "fp32",
+    "distributed.cpus_per_worker": 4, "distributed.offload_init_statistics": True,
+    "distributed.max_failures": 3, "distributed.trial_max_failures": 3,
+    "distributed.checkpoint_every_steps": 10, "distributed.save_adapter": True,
+}  # fmt: skip
+
+
+def test_each_option_enters_the_keys_as_its_rule_says():
+    """Changing one option changes the content key exactly when its rule keys it, and the
+    version-1 key (`legacy_key`, unresolved) exactly when that version keyed it."""
+    assert set(OTHER_VALUES) == set(identity.KEY_RULES), "give each rule a value here"
+    in_resolved_key = (identity.KEYED, identity.RESOLVED)
+    in_v1_key = (identity.KEYED, identity.UNRESOLVED_ONLY)
+    for path, rule in identity.KEY_RULES.items():
+        base = resolved_spec()
+        if path.startswith("distributed."):  # options of a distributed trial
+            base = resolved_spec(distributed=DistributedConfig(workers=2))
+        other = with_option(base, path, OTHER_VALUES[path])
+        added_later = isinstance(rule, identity.AddedLater)
+        keyed = added_later or rule in in_resolved_key
+        keyed_in_v1 = added_later or rule in in_v1_key
+        assert (other.key() != base.key()) == keyed, path
+        assert (other.legacy_key() != base.legacy_key()) == keyed_in_v1, path
+
+
+def test_keying_an_option_without_a_rule_is_an_error_not_a_new_key(monkeypatch):
+    monkeypatch.delitem(identity.KEY_RULES, "eval.every_steps")
+    with pytest.raises(KeyError, match="eval.every_steps.*KEY_RULES"):
+        resolved_spec().key()
+
+
+def test_an_option_added_later_changes_no_key_at_its_old_behaviour():
+    """Its default is what the code did before it existed, and at that value it is left
+    out of the key: specs that never name it keep the keys of the runs recorded before."""
+    later = {p: r for p, r in identity.KEY_RULES.items() if isinstance(r, identity.AddedLater)}
+    assert set(later) == {
+        "distributed", "smoke", "head_pooling", "budget.schedule", "eval.max_new_tokens"
+    }  # fmt: skip
+    plain = resolved_spec()
+    for path, rule in later.items():
+        section, _, name = path.rpartition(".")
+        model = {"": TrialSpec, "budget": Budget, "eval": EvalConfig}[section]
+        assert model.model_fields[name].default == rule.old_behaviour, path
+        assert with_option(plain, path, rule.old_behaviour).key() == plain.key(), path
+
+
+def test_rows_record_the_budget_with_later_options_only_when_set():
+    plain = json.loads(identity.recorded_budget(BUDGET))
+    assert "schedule" not in plain and plain["max_steps"] == 2
+    cosine = BUDGET.model_copy(update={"schedule": "cosine"})
+    assert json.loads(identity.recorded_budget(cosine)) == {**plain, "schedule": "cosine"}
 
 
 def test_resolved_defaults_enter_the_key_not_how_they_were_written(rte_copy):
@@ -98,11 +226,11 @@ def test_unreadable_data_is_one_clear_error_before_work(tmp_path):
 
 def test_worker_reading_other_data_than_the_driver_fails(rte_copy):
     s = one(spec(str(rte_copy)))
-    _check_identity(s, s.protocol, s.data_fingerprint)  # the same: fine
+    identity.check_worker_data(s, s.protocol, s.data_fingerprint)  # the same: fine
     with pytest.raises(ValueError, match="not what the sweep was keyed by"):
-        _check_identity(s, s.protocol, "0" * 16)
+        identity.check_worker_data(s, s.protocol, "0" * 16)
     with pytest.raises(ValueError, match="eval protocol"):
-        _check_identity(s, "other-protocol", s.data_fingerprint)
+        identity.check_worker_data(s, "other-protocol", s.data_fingerprint)
 
 
 def _v1_row(s: TrialSpec, status: str = "ok", **changes) -> dict:
@@ -219,14 +347,14 @@ def test_a_method_with_its_own_family_targets_resolves_them(rte_copy, monkeypatc
 
 def test_worker_resolving_other_targets_than_the_driver_fails(rte_copy, monkeypatch):
     """A worker whose family default differs (other code) must not run under the key."""
-    from harness.trial import _check_method_config
     from methods import targets
 
     s = one(spec(str(rte_copy)))
-    _check_method_config(s, identity.method_config("lora", {}, "bert"))  # the same: fine
+    same = identity.method_config("lora", {}, "bert")
+    identity.check_worker_method_config(s, same)  # the same: fine
     monkeypatch.setitem(targets.DEFAULT_TARGET_MODULES, "bert", ["query"])
     with pytest.raises(ValueError, match="differing: target_modules"):
-        _check_method_config(s, identity.method_config("lora", {}, "bert"))
+        identity.check_worker_method_config(s, identity.method_config("lora", {}, "bert"))
 
 
 def _v2_row(s: TrialSpec, **changes) -> dict:

@@ -148,7 +148,8 @@ def test_a_saved_trial_artifact_evaluates_as_the_trained_adapter(adapter, mirror
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.config import Budget, EvalConfig, TrialSpec
+    from harness.config import Budget, EvalConfig
+    from harness.identity import TrialSpec
     from harness.trial import run_trial
 
     base_dir, _ = adapter

@@ -275,13 +275,13 @@ def test_defaults_scaling_and_variants():
 
 
 def test_zero_refuses_full_momentum_with_the_reason_and_accepts_the_transform():
-    from harness.config import ConfigError, _zero_unsupported, validate_config
+    from harness.config import ConfigError, validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method("lora_pro")
-    reason = _zero_unsupported(method, method.hyperparams({}))
+    reason = zero_unsupported_reason(method, method.hyperparams({}))
     assert reason and "flat partitions" in reason and "full_momentum: false" in reason
-    assert _zero_unsupported(method, method.hyperparams({"full_momentum": False})) is None
+    assert zero_unsupported_reason(method, method.hyperparams({"full_momentum": False})) is None
     with pytest.raises(ConfigError, match="lora_pro: not supported under DeepSpeed ZeRO"):
         validate_config(
             sweep_config(distributed={"workers": 2}, methods={"lora_pro": {"lrs": [1e-3]}})

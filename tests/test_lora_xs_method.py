@@ -132,11 +132,11 @@ NEW = ["lora_xs", "scaled_adamw"]
 def test_zero_path_accepts_them_by_the_existing_contract(name):
     """No training callbacks (lora_xs: a plug-in adapter like LoRA-SB's; scaled_adamw: a
     gradient transform, applied to assembled gradients under ZeRO), so validation passes."""
-    from harness.config import _zero_unsupported, validate_config
+    from harness.config import validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method(name)
-    assert _zero_unsupported(method, method.hyperparams({})) is None
+    assert zero_unsupported_reason(method, method.hyperparams({})) is None
     assert validate_config(
         sweep_config(distributed={"workers": 2}, methods={name: {"lrs": [1e-3]}})
     )

@@ -333,7 +333,8 @@ def test_every_key_the_trial_code_puts_in_a_row_is_a_run_column():
 def test_a_real_trials_rows_fit_the_run_record(mirror_dir, tmp_path):
     """A real (tiny) trial on the single-device path, ok and failed, as the sweep records
     it: through the JSON a Ray worker reports it in, then appended and read back."""
-    from harness.config import Budget, EvalConfig, TrialSpec
+    from harness.config import Budget, EvalConfig
+    from harness.identity import TrialSpec
     from harness.trial import run_trial
     from tests.conftest import MINILM
 

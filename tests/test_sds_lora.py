@@ -485,7 +485,8 @@ def test_load_refuses_another_adapter_type(tmp_path):
 
 
 def test_a_trial_runs_end_to_end_with_warmup_and_refresh(mirror_dir, monkeypatch):
-    from harness.config import Budget, EvalConfig, TrialSpec
+    from harness.config import Budget, EvalConfig
+    from harness.identity import TrialSpec
     from harness.trial import run_trial
     from tests.conftest import MINILM
 

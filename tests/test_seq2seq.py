@@ -12,7 +12,8 @@ import torch
 
 import methods
 import tasks
-from harness.config import Budget, EvalConfig, TrialSpec
+from harness.config import Budget, EvalConfig
+from harness.identity import TrialSpec
 from harness.models import RANDOM_T5_ID, model_structure, resolve_model
 from harness.pipelines import build_pipeline, head_kind, task_protocol
 from harness.seq2seq_pipeline import candidate_scores, label_tokens_in

@@ -13,7 +13,8 @@ import yaml
 
 from harness import tracking
 from harness.cli import main
-from harness.config import SweepConfig, expand, validate_config
+from harness.config import SweepConfig, validate_config
+from harness.identity import expand
 from tests.conftest import MINILM, with_identity
 
 
@@ -197,7 +198,7 @@ class _TinyRegressor:
 
 def test_collector_records_final_rows_only_and_stopped_trials_as_stopped(tmp_path: Path):
     from harness.results import read_runs
-    from harness.sweep import _make_callback
+    from harness.sweep import record_runs_callback
     from harness.trial import base_row
 
     specs = with_identity(expand(SweepConfig(**{
@@ -205,7 +206,7 @@ def test_collector_records_final_rows_only_and_stopped_trials_as_stopped(tmp_pat
         "methods": {"lora": {"lrs": [1e-3, 1e-2]}}, "seeds": [0],
         "budget": {"max_steps": 4, "train_rows": 32}, "output_dir": str(tmp_path),
     })))  # fmt: skip
-    collector = _make_callback(tmp_path, specs, early_stop=True)
+    collector = record_runs_callback(tmp_path, specs, early_stop=True)
     done, stopped = (SimpleNamespace(trial_id=str(i), config={"index": i}) for i in range(2))
     live = {"step": 2, "train_loss": 0.7, tracking.STEP: 2, tracking.FINAL: False}
     for trial in (done, stopped):

@@ -129,3 +129,44 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
     assert calls(trial, "evaluate_into_row") and calls(trial, "run_recipe")
     assert calls(launch, "run_recipe") and imports_from_trial(launch, "run_recipe")
     assert not calls(launch, "evaluate_into_row")  # no second copy of the recipe
+
+
+def test_an_autocast_trial_computes_in_bf16_and_keeps_fp32_weights(mirror_dir, monkeypatch):
+    """`run_trial(autocast=bfloat16)` (cluster/gpu_check.py's bf16 trial) runs the one
+    recipe with init, training and evaluation under autocast; the default computes in fp32.
+    Checked where it shows: the dtype of a Linear's output inside the model's forward."""
+    import torch
+
+    from harness import backend
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    original = backend.LocalBackend.compute
+
+    def watched(self):
+        context = original(self)
+        seen.append((torch.get_autocast_dtype("cpu"), context.__class__.__name__))
+        return context
+
+    monkeypatch.setattr(backend.LocalBackend, "compute", watched)
+    outputs: list[torch.dtype] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: outputs.append(out.dtype)
+        if isinstance(module, torch.nn.Linear) and isinstance(out, torch.Tensor) else None
+    )  # fmt: skip
+    try:
+        bf16 = run_trial(trial_spec(mirror_dir), autocast=torch.bfloat16)
+        bf16_outputs, outputs[:] = list(outputs), []
+        fp32 = run_trial(trial_spec(mirror_dir))
+    finally:
+        hook.remove()
+    assert bf16["status"] == fp32["status"] == "ok", (bf16["error"], fp32["error"])
+    assert [name for _, name in seen] == ["autocast"] * 3 + ["nullcontext"] * 3
+    assert torch.bfloat16 in bf16_outputs and torch.bfloat16 not in outputs
+    # The merge check runs outside autocast: at fp32's tolerance in both.
+    tolerance = [row["sanity_merge"].rsplit("(tol", 1)[1] for row in (bf16, fp32)]
+    assert tolerance[0] == tolerance[1] and bf16["sanity_merge"].startswith("merged == unmerged")
+    # Same data, seed and steps: the bf16 run trains the same model to nearly the same loss.
+    assert bf16["final_train_loss"] != fp32["final_train_loss"]
+    assert abs(bf16["final_train_loss"] - fp32["final_train_loss"]) < 0.05 * fp32[
+        "final_train_loss"
+    ]

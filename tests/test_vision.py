@@ -403,7 +403,8 @@ def test_accuracy_and_argmax_on_hand_made_predictions():
 def test_a_real_trial_on_the_dtd_subset_with_a_random_init_vit(mirror_dir):
     import json
 
-    from harness.config import Budget, EvalConfig, TrialSpec
+    from harness.config import Budget, EvalConfig
+    from harness.identity import TrialSpec
     from harness.image_models import RANDOM_INIT_ID
     from harness.trial import run_trial
 

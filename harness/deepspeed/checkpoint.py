@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from harness.config import TrialSpec
 from harness.deepspeed.collectives import state_digest
 from harness.deepspeed.zero_access import gathered_trainable_state
+from harness.identity import TrialSpec
 from harness.train import TrainState
 
 # Test hook: a worker raises at this step once (not after a restore), to exercise restarts.

@@ -22,6 +22,7 @@ its optimizer step over this rank's micro-batches (harness.train's `Stepper`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,7 +32,6 @@ from torch import nn
 
 from harness import memory, sanity
 from harness.batching import batch_plan
-from harness.config import TrialSpec
 from harness.deepspeed import checkpoint
 from harness.deepspeed.collectives import (
     adapter_digest,
@@ -43,6 +43,7 @@ from harness.deepspeed.config import render, resolve_load_dtype, resolve_precisi
 from harness.deepspeed.rank_data import RankShares
 from harness.deepspeed.storage import train_run_name
 from harness.deepspeed.zero_access import ZeroParamAccess, merged_outputs, trainable_parameters
+from harness.identity import TrialSpec
 from harness.sharding import Shard
 from harness.tracking import FINAL, STEP, report_interval
 from harness.train import SCHEDULES, Batch, TrainState, boundary_step
@@ -72,11 +73,15 @@ class DeepSpeedBackend:
         self.precision = resolve_precision(self.dist, self.on_gpu)
         self.load_dtype = resolve_load_dtype(self.dist, self.on_gpu)
         self.weights_dtype = torch.bfloat16 if self.load_dtype == "bf16" else torch.float32
+        self.checks_dtype = self.weights_dtype  # DeepSpeed's own bf16, no autocast
         self.offload_init_statistics = self.dist.offloads_init_statistics
         self.shares: RankShares | None = None
         self.engine = None
         self.saver: checkpoint.RankAdapterSaver | None = None
         self.facts: dict[str, Any] = {}  # for `record`
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def start(self) -> None:
         import deepspeed

@@ -21,10 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.config import DistributedConfig, SweepConfig, TrialSpec
+from harness.config import DistributedConfig, SweepConfig
 from harness.deepspeed.checkpoint import copy_adapter
 from harness.deepspeed.engine import DeepSpeedBackend
 from harness.deepspeed.storage import train_run_name
+from harness.identity import TrialSpec
 from harness.sanity import SanityError
 from harness.train import Diverged
 from harness.trial import STATUS_DIVERGED, STATUS_FAILED, base_row, run_recipe

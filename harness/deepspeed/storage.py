@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.config import ConfigError, SweepConfig, TrialSpec
+from harness.config import ConfigError, SweepConfig
+from harness.identity import TrialSpec
 
 # Remote or shared storage every node reaches; anything else is one machine's disk.
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://")
