@@ -28,7 +28,7 @@ main: setup
 	$(BIN)/harness sweep $(CONFIG)
 
 test: setup
-	$(BIN)/ruff check harness methods tasks tests bench
+	$(BIN)/ruff check harness methods tasks tests cluster
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -8,7 +8,7 @@
 # Contents, and why each:
 #   wheels/   pydantic (+ pydantic-core for CPython 3.12 manylinux, annotated-types,
 #             typing-inspection, typing-extensions: pydantic-core needs a recent one):
-#             harness.config; hjson + a DeepSpeed wheel built here with
+#             harness.spec.config; hjson + a DeepSpeed wheel built here with
 #             DS_BUILD_OPS=0 (pure Python; PyPI has only its sdist): the ZeRO-2 step;
 #             peft at the pinned version (pure Python) so methods run the code they were
 #             tested with. Nothing else: the machine has the rest.

@@ -5,7 +5,7 @@ On a GPU machine whose Python has torch, transformers, peft (and pandas, pyarrow
 scikit-learn) but not ray, deepspeed or datasets, and no network:
 
   (a) bf16 single-GPU trials (LoRA and LoRA-GA) on MiniLM and real SST-2, WITHOUT Ray: the
-      harness's own trial (harness.trial.run_trial with `autocast=torch.bfloat16`: the one
+      harness's own trial (harness.training.trial.run_trial with `autocast=torch.bfloat16`: the one
       recipe, init/training/evaluation autocast, fp32 weights); MFU against the device's peak;
   (b) the bench table: `harness bench --all` when the CLI has it, else the classic
       `bench_train_step` + `bench_init_cost` functions; in a subprocess with a time limit;
@@ -150,9 +150,9 @@ def trial_specs(sizes: dict[str, Any], methods_and_overrides: dict[str, dict], d
     identity.resolve), so keys, fingerprints and method configs are the sweep's."""
     import yaml
 
-    from harness import identity
-    from harness.config import load_config
-    from harness.identity import expand
+    from harness.spec import identity
+    from harness.spec.config import load_config
+    from harness.spec.identity import expand
 
     raw = {
         "name": f"gpu-check-{device_kind}",
@@ -185,7 +185,7 @@ def compute_dtype(device):
 
 
 def first_batches(pipeline, batch_size: int, seed: int, device):
-    """The trial's init-batch stream (as harness.trial: seed + 1), cut at n."""
+    """The trial's init-batch stream (as harness.training.trial: seed + 1), cut at n."""
     return lambda n: itertools.islice(pipeline.batches(batch_size, seed + 1, device), n)
 
 
@@ -201,11 +201,11 @@ def peak_flops(device) -> dict[str, Any]:
 
 def bf16_trial(spec, device, peak: dict[str, Any]) -> dict[str, Any]:
     """One single-device trial in bf16 autocast (fp32 on CPU), without Ray: the harness's
-    own trial (harness.trial.run_trial, its one recipe) with init, training and evaluation
+    own trial (harness.training.trial.run_trial, its one recipe) with init, training and evaluation
     autocast, fp32 weights and optimizer states."""
     import torch
 
-    from harness.trial import STATUS_OK, run_trial
+    from harness.training.trial import STATUS_OK, run_trial
 
     dtype = compute_dtype(device)
     row = run_trial(spec, autocast=dtype if dtype != torch.float32 else None)
@@ -308,7 +308,7 @@ def bench_in_subprocess(dry_run: bool, timeout_s: float, out_root: Path) -> dict
 
 def zero2_check(spec, device, steps: int) -> dict[str, Any]:
     """A few DeepSpeed ZeRO-2 steps on one device (world size 1, no Ray), and the same
-    batches through harness.train.train_step on one device from the same init: the losses
+    batches through harness.training.train.train_step on one device from the same init: the losses
     must agree (ZERO_LOSS_RTOL for the precision)."""
     try:
         import deepspeed
@@ -317,12 +317,12 @@ def zero2_check(spec, device, steps: int) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
 
-    from harness import memory
-    from harness.config import DistributedConfig
     from harness.deepspeed.config import render, resolve_load_dtype, resolve_precision
     from harness.deepspeed.engine import global_batch_step
-    from harness.train import SCHEDULES, train_step
-    from harness.trial import load_data_and_model, prepare_method, seed_everything
+    from harness.spec.config import DistributedConfig
+    from harness.training import memory
+    from harness.training.train import SCHEDULES, train_step
+    from harness.training.trial import load_data_and_model, prepare_method, seed_everything
 
     record: dict[str, Any] = {"deepspeed": deepspeed.__version__, "steps": steps}
     on_gpu = device.type == "cuda"
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("warning: no CUDA device; running the GPU sizes on CPU", file=sys.stderr)
     device = torch.device("cuda" if on_gpu else "cpu")
-    from harness import provenance
+    from harness.spec import provenance
 
     result["device"] = provenance.hardware(device)["device"] if on_gpu else "cpu"
     result["packages"] = provenance.package_versions()

@@ -6,26 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.config import ConfigError
+from harness.spec.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from harness.config import load_config
+    from harness.spec.config import load_config
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     # raises ConfigError before Ray starts; `key=value` overrides are checked like the file
     cfg = load_config(args.config, overrides, assignments=args.overrides)
     if args.dry_run:  # resolves keys and reads the output dir; writes nothing, no Ray
-        from harness.plan import format_dry_run, sweep_plan
+        from harness.sweeps.plan import format_dry_run, sweep_plan
 
         out = Path(cfg.output_dir).resolve()
         print(format_dry_run(cfg, sweep_plan(cfg, out, write=False), out))
         return 0
     # Imported only now: Ray, torch and pandas take seconds, a typo's report should not.
-    from harness.sweep import SweepInterrupted, run_sweep
+    from harness.sweeps.sweep import SweepInterrupted, run_sweep
 
     try:
         run_sweep(cfg, address=args.address)
@@ -39,7 +39,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from harness.plan import format_status
+    from harness.sweeps.plan import format_status
 
     print(format_status(Path(args.output_dir)))
     return 0
@@ -48,7 +48,7 @@ def _status(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from harness import lm_eval_interop
+    from harness.reporting import lm_eval_interop
 
     names = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     if not names:
@@ -67,8 +67,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from harness.plan import planned_keys
-    from harness.results import leaderboard_warnings, save_leaderboard
+    from harness.reporting.results import leaderboard_warnings, save_leaderboard
+    from harness.sweeps.plan import planned_keys
 
     out = Path(args.output_dir)
     board, table = save_leaderboard(out, args.markdown, planned_keys(out))  # ResultsError
@@ -79,8 +79,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.report import write_report
-    from harness.results import LEADERBOARD_FILE, RUNS_FILE, has_runs
+    from harness.reporting.report import write_report
+    from harness.reporting.results import LEADERBOARD_FILE, RUNS_FILE, has_runs
 
     out = Path(args.output_dir)
     if not has_runs(out) and not (out / LEADERBOARD_FILE).is_file():
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--llm-width", action="store_true",
         help="init memory of the data-informed inits at hidden 2048/4096 (random init, CPU) "
-        "vs harness/memory_estimate.py; writes results/bench/",
+        "vs harness/sweeps/memory_estimate.py; writes results/bench/",
     )  # fmt: skip
     bench.add_argument("--model", default="minilm", help="--all: minilm or tiny-random-bert")
     bench.add_argument("--threads", type=int, default=1, help="--all/--llm-width: torch threads")

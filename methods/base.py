@@ -197,7 +197,7 @@ class TrainCallback(Protocol):
 
     A method's callbacks subclass this protocol (PEP 544: an explicit subclass inherits its
     bodies) and so get the defaults of everything but `on_step_end`: no function-preserving
-    step, nothing to do on a restore, no events. The harness (harness/sanity.py
+    step, nothing to do on a restore, no events. The harness (harness/training/sanity.py
     `CheckedCallbacks`) uses all four members directly.
     """
 

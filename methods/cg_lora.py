@@ -108,7 +108,7 @@ Other defaults from the paper: init data "batch 8 accumulated 32 times" = 256 ex
 (`init_examples`; batches = ceil(256 / trial batch size)); rsLoRA scaling (`use_rslora`).
 Cost: 2 forward + 2 activation-only backward passes per init batch (no weight gradient is
 ever formed); the paper's Table 3 claims 3.58 s / 510 MiB vs LoRA-GA's 7.01 s / 1.28 GiB
-(bench/cg_lora_init.py measures ours against this harness's LoRA-GA).
+(harness/bench/cg_lora_init.py measures ours against this harness's LoRA-GA).
 Caveats: the init uses the model in train mode (dropout on, as the shared gradient
 estimator does); ctx.init_batches is called twice and must yield the same batches both times
 (the harness's is seeded; a mismatch is warned about); gradient checkpointing during the

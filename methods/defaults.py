@@ -323,7 +323,7 @@ ROWS: list[Row] = [
         "the task head gets AdamW (full_momentum) / AdamW (transform); pairs found by name",
         "GLUE needs a trained head; its equivalent gradient is its gradient", kind="setting"),
     Row("lora_pro", "DeepSpeed ZeRO", "-", "ZeRO-2 only (the modified stage_1_and_2.py)",
-        "full_momentum refused (harness.config); full_momentum: false supported",
+        "full_momentum refused (harness.spec.config); full_momentum: false supported",
         "the official optimizer state needs whole A, B; ZeRO hands an optimizer flat "
         "partitions. The transform runs on assembled gradients", kind="setting"),
     # ------------------------------------------------------------------ peft_lora

@@ -32,7 +32,7 @@ Two variants, `full_momentum`:
   (5) adjusted g_A', g_B' with the Sylvester X, (6) SGD: A -= lr g_A', B -= lr g_B'. The state
   is not a pure function of one step's full tensors, so this is a torch optimizer
   (`LoraProAdamW`, `build_optimizer`); DeepSpeed ZeRO would hand it flat partitions of A and B,
-  so harness.config refuses it under ZeRO (`zero_unsupported_reason`).
+  so harness.spec.config refuses it under ZeRO (`zero_unsupported_reason`).
 - False (SDS-LoRA, the paragraph on Table 4: "LoRA-Pro without tracking the momentum of full
   fine-tuning gradients"): the optimal adjustment (with the Sylvester X) of each step's raw
   gradients, then plain torch AdamW on A and B. A pure `gradient_transform`, so it runs on one
@@ -298,7 +298,7 @@ class LoraPro(PeftLoraMethod):
         return lora_pro_transform(hp.alpha, hp.use_rslora, hp.damping)
 
     def zero_unsupported_reason(self, hp: LoraProHyperparams) -> str | None:
-        """Read by harness.config.zero_unsupported_reason."""
+        """Read by harness.spec.config.zero_unsupported_reason."""
         if not hp.full_momentum:
             return None
         return (

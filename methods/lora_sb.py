@@ -122,7 +122,7 @@ class LoraSb(PluginAdapterMethod):
         warmup = (ctx.warmup_ratio or 0.0) * (ctx.total_steps or 0)
         if round(warmup) >= 1:  # official eff_lr: lr / (warmup_ratio x total steps)
             return min(lr, lr / warmup)
-        return lr  # no warm-up step (harness.train rounds ratio x T): the peak LR
+        return lr  # no warm-up step (harness.training.train rounds ratio x T): the peak LR
 
     def initial_values(
         self,

@@ -118,5 +118,5 @@ class PeftLoraMethod(LinearAdapterMethod):
 
     def load_adapter(self, base_model: nn.Module, path: str | Path) -> nn.Module:
         # It applies to the base model as the init left it (W0-moving inits: not the stock
-        # one; harness/adapters.py keeps a converted copy for that).
+        # one; harness/training/adapters.py keeps a converted copy for that).
         return PeftModel.from_pretrained(base_model, str(path))

@@ -60,7 +60,7 @@ s x [Q_A, A^T] [B, Q_B]^T, in a custom autograd function whose backward computes
 dL/dB = s G Q_A, dL/dA = s Q_B^T G and dL/dx (no gradient for the bases, nothing else
 saved but x and the (N, r) product x Q_A, as LoRA saves x A^T). QR and SVD run only at the
 reparameterisation and on refresh steps, batched over layers of the same shape. Paper cost
-(Table 6): +4-5% time, +0.5-0.8% memory over LoRA; `bench/sds_lora_step.py` measures ours.
+(Table 6): +4-5% time, +0.5-0.8% memory over LoRA; `harness/bench/sds_lora_step.py` measures ours.
 """
 
 from __future__ import annotations

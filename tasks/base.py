@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 # "seq2seq" is never a task's own head: the harness serves a classification/regression task
-# text-to-text when the model is an encoder-decoder (harness.pipelines.head_kind), through
+# text-to-text when the model is an encoder-decoder (harness.heads.pipelines.head_kind), through
 # the task's `text_to_text()` form.
 HeadKind = Literal["classification", "regression", "causal_lm", "image_classification", "seq2seq"]
 

@@ -25,8 +25,8 @@ from transformers import (
 )
 
 import methods
-from harness.config import Budget, EvalConfig
-from harness.identity import TrialSpec
+from harness.spec.config import Budget, EvalConfig
+from harness.spec.identity import TrialSpec
 from methods.targets import default_target_modules
 from tests.conftest import MINILM
 
@@ -186,7 +186,7 @@ def tiny_bert_folder(dest: Path, dropout: float | None = None) -> Path:
     deterministic across ways of splitting a batch (one device vs ranks x micro-batches)."""
     from transformers import BertModel
 
-    from harness.models import resolve_model
+    from harness.modeling.models import resolve_model
 
     no_default = {} if dropout is None else {
         "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,

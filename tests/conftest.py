@@ -14,7 +14,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 def with_identity(specs, data_fingerprint: str = "fixed-data"):
     """Specs resolved without reading data: for tests of what else enters the key."""
-    from harness import identity
+    from harness.spec import identity
 
     return [
         s.model_copy(update={"data_fingerprint": data_fingerprint})

@@ -1,4 +1,4 @@
-"""Adapters as artifacts (harness/adapters.py): each saved adapter, loaded with plain peft
+"""Adapters as artifacts (harness/training/adapters.py): each saved adapter, loaded with plain peft
 (or the plug-in loader) onto a freshly loaded stock base model, computes what the trained
 model computed on the probe batch; W0-moving methods through peft's stock conversion."""
 
@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness import adapters, identity
-from harness.config import Budget, EvalConfig
-from harness.identity import TrialSpec
-from harness.results import normalise_runs, read_runs
-from harness.trial import load_data_and_model, run_trial
+from harness.reporting.results import normalise_runs, read_runs
+from harness.spec import identity
+from harness.spec.config import Budget, EvalConfig
+from harness.spec.identity import TrialSpec
+from harness.training import adapters
+from harness.training.trial import load_data_and_model, run_trial
 from tests.conftest import MINILM
 
 ATOL = 1e-5  # float32
@@ -127,7 +128,7 @@ def _run_rows(tmp_path: Path, lrs: list[float]) -> list[dict]:
 
 
 def test_chosen_keeps_only_the_chosen_lrs_adapters(tmp_path: Path):
-    from harness.results import build_leaderboard
+    from harness.reporting.results import build_leaderboard
 
     runs = normalise_runs(_run_rows(tmp_path, [1e-3, 2e-3, 4e-3]))
     board = build_leaderboard(runs, compare=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import ConfigError, validate_config
+from harness.spec.config import ConfigError, validate_config
 from tests.conftest import MINILM, REPO
 
 BASE = {
@@ -155,7 +155,7 @@ def test_a_typo_is_reported_without_importing_ray_or_torch(tmp_path):
     config = _write(tmp_path, raw)
     probe = (
         "import sys; from harness.cli import main; rc = main(['sweep', sys.argv[1]]); "
-        "heavy = sorted(m for m in ('ray', 'torch', 'pandas', 'harness.sweep') "
+        "heavy = sorted(m for m in ('ray', 'torch', 'pandas', 'harness.sweeps.sweep') "
         "if m in sys.modules); print(rc, heavy)"
     )
     done = subprocess.run(

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.report import write_report
-from harness.results import (
+from harness.reporting import results
+from harness.reporting.report import write_report
+from harness.reporting.results import (
     JOURNAL_DIR,
     LEADERBOARD_FILE,
     RUNS_FILE,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import methods
-from harness.train import train_step
+from harness.training.train import train_step
 from methods.altlora import active_factors, altlora_transform, project_a, project_b
 from tests.builders import LAYER, batch, ctx, tiny_bert
 
@@ -248,7 +248,7 @@ def test_the_inactive_factor_does_not_move_and_joint_mode_moves_both():
 
 
 def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
-    from harness.config import validate_config, zero_unsupported_reason
+    from harness.spec.config import validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method("altlora")
@@ -268,7 +268,7 @@ def test_defaults_are_the_official_ones_and_zero_validation_accepts_it():
 
 
 def test_single_cpu_minilm_trial_gives_an_ok_row_with_passing_checks(mirror_dir):
-    from harness.trial import run_trial
+    from harness.training.trial import run_trial
     from tests.builders import trial_spec
 
     trial = trial_spec(mirror_dir, method="altlora", max_steps=4).model_copy(

@@ -30,7 +30,7 @@ from harness.bench.suite import (
     targets,
 )
 from harness.bench.width import WidthSettings, comparison_row, llama_config, predicted
-from harness.report import write_report
+from harness.reporting.report import write_report
 
 COMMITTED_BOARD = (
     Path(__file__).resolve().parents[1] / "results/glue-minilm-main/leaderboard.parquet"

@@ -1,4 +1,4 @@
-"""The claims registry (results/published/claims.yaml) and its check (harness/claims.py).
+"""The claims registry (results/published/claims.yaml) and its check (harness/reporting/claims.py).
 
 Every verdict test builds a small synthetic runs table whose answer is known by construction
 (one method right on 90% of the test items, the other on 60%, ...), so a wrong rule (an
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.claims import (
+from harness.reporting.claims import (
     CLAIMS_YAML,
     UNTESTABLE,
     ClaimsError,
@@ -25,8 +25,8 @@ from harness.claims import (
     mean_ranks,
     parse_claims,
 )
-from harness.results import build_leaderboard, normalise_runs, read_runs
-from harness.stats import direction_verdict, paired_seed_bootstrap
+from harness.reporting.results import build_leaderboard, normalise_runs, read_runs
+from harness.reporting.stats import direction_verdict, paired_seed_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 N_ITEMS = 400
@@ -429,7 +429,7 @@ def test_mean_ranks_order_methods_with_an_interval():
 
 # -- the report --------------------------------------------------------------------------------
 def test_report_has_a_claims_section_matching_the_evaluation(tmp_path):
-    from harness.report import write_report
+    from harness.reporting.report import write_report
 
     out = tmp_path / "glue-minilm-main"
     shutil.copytree(

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import ConfigError, apply_assignments, load_config
-from harness.identity import expand
+from harness.spec.config import ConfigError, apply_assignments, load_config
+from harness.spec.identity import expand
 from tests.conftest import MINILM, REPO
 
 BASE = {
@@ -118,7 +118,7 @@ def test_an_override_typo_is_reported_without_importing_ray_or_torch(tmp_path):
     probe = (
         "import sys; from harness.cli import main; "
         "rc = main(['sweep', sys.argv[1], '--dry-run', 'budget.max_stps=1']); "
-        "heavy = sorted(m for m in ('ray', 'torch', 'pandas', 'harness.sweep') "
+        "heavy = sorted(m for m in ('ray', 'torch', 'pandas', 'harness.sweeps.sweep') "
         "if m in sys.modules); print(rc, heavy)"
     )
     done = subprocess.run(
@@ -137,9 +137,9 @@ def recorded(tmp_path, mirror_dir, monkeypatch):
     """A config, its resolved specs (real mirror data) and an output dir where the first
     two keys finished ok (10 s, 30 s), the third failed and the last is not run; the
     second ok row is still only in the journal."""
-    from harness import identity
-    from harness.results import append_runs
-    from harness.trial import STATUS_FAILED, base_row
+    from harness.reporting.results import append_runs
+    from harness.spec import identity
+    from harness.training.trial import STATUS_FAILED, base_row
 
     monkeypatch.setenv("HARNESS_DATA_DIR", mirror_dir)
     out = tmp_path / "out"
@@ -190,7 +190,7 @@ def test_dry_run_refuses_what_the_sweep_would_refuse(recorded, capsys):
 
 
 def test_status_of_a_partial_dir_counts_running_and_eta(recorded, capsys):
-    from harness.plan import RunningTrials, write_plan
+    from harness.sweeps.plan import RunningTrials, write_plan
 
     out, specs = recorded.out, recorded.specs
     write_plan(out, recorded.cfg, specs)  # as the sweep driver does (this process)
@@ -221,9 +221,9 @@ ANY_TIME = _AnyTime()
 
 
 def test_status_of_a_finished_dir_and_of_an_exited_driver(recorded, capsys):
-    from harness.plan import PLAN_FILE, write_plan
-    from harness.results import append_runs
-    from harness.trial import base_row
+    from harness.reporting.results import append_runs
+    from harness.sweeps.plan import PLAN_FILE, write_plan
+    from harness.training.trial import base_row
 
     out, specs = recorded.out, recorded.specs
     write_plan(out, recorded.cfg, specs)
@@ -254,8 +254,8 @@ def test_status_of_an_empty_or_missing_dir(tmp_path, capsys):
 
 
 def test_the_sweep_callback_keeps_the_running_list(tmp_path):
-    from harness.plan import RUNNING_FILE
-    from harness.sweep import record_runs_callback
+    from harness.sweeps.plan import RUNNING_FILE
+    from harness.sweeps.sweep import record_runs_callback
     from tests.conftest import with_identity
 
     cfg = load_config(_config(tmp_path, tmp_path / "out"))
@@ -280,7 +280,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from harness.progress import progress_bar
+    from harness.sweeps.progress import progress_bar
 
     piped = io.StringIO()
     monkeypatch.setattr(sys, "stderr", piped)
@@ -296,7 +296,7 @@ def test_evaluation_loop_output_is_the_same_with_a_bar(monkeypatch):
     import torch
     from torch.utils.data import DataLoader
 
-    from harness.train import predict
+    from harness.training.train import predict
 
     class Linear(torch.nn.Module):
         def __init__(self) -> None:
@@ -385,7 +385,7 @@ def test_hub_split_is_read_at_the_resolved_commit_and_records_it(fake_hub):
 
 
 def test_driver_pins_the_commit_for_trials_and_keys_ignore_it(fake_hub, tmp_path):
-    from harness import identity
+    from harness.spec import identity
     from tasks.data import pinned_revisions
 
     cfg = load_config(_config(tmp_path, tmp_path / "out", tasks=["glue/sst2"]))

@@ -20,12 +20,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import identity
 from harness.cli import EXIT_BAD_INPUT
-from harness.config import load_config
-from harness.identity import expand
-from harness.results import read_runs
-from harness.sweep import trial_name
+from harness.reporting.results import read_runs
+from harness.spec import identity
+from harness.spec.config import load_config
+from harness.spec.identity import expand
+from harness.sweeps.sweep import trial_name
 from tests.conftest import MINILM, REPO
 
 _spec = importlib.util.spec_from_file_location("two_node", REPO / "cluster" / "two_node.py")

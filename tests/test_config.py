@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import ConfigError, load_config, validate_config
-from harness.identity import expand
+from harness.spec.config import ConfigError, load_config, validate_config
+from harness.spec.identity import expand
 from tests.conftest import MINILM, with_identity
 
 GOOD = {

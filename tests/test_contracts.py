@@ -11,7 +11,7 @@ adapter apart from the model.
 The method list is read from the registry at collection time, so a newly registered method
 is covered with no new test code; TINY_OVERRIDES is the only per-method table (settings
 whose defaults do not fit the tiny model), and a test keeps it honest. The sanity checks
-are the harness's own (`harness.sanity`), the ones every trial runs. Local == 2-rank ZeRO
+are the harness's own (`harness.training.sanity`), the ones every trial runs. Local == 2-rank ZeRO
 for every method: tests/test_distributed_methods.py; task contracts:
 tests/test_task_contracts.py.
 """
@@ -34,16 +34,16 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import methods
-from harness import sanity
-from harness.adapters import (
+from harness.training import sanity
+from harness.training.adapters import (
     FORMAT_FULL,
     AdapterSaver,
     check_saved_adapter,
     is_peft_model,
     load_saved_adapter,
 )
-from harness.adapters import read_meta as read_adapter_meta
-from harness.train import train
+from harness.training.adapters import read_meta as read_adapter_meta
+from harness.training.train import train
 from methods.base import Method
 from methods.targets import default_target_modules
 
@@ -147,7 +147,7 @@ def changed_parameters(model: torch.nn.Module, initial: dict[str, torch.Tensor])
 
 
 class Prepared:
-    """One method prepared on the tiny BERT, as `harness.trial.prepare_method` does it."""
+    """One method prepared on the tiny BERT, as `harness.training.trial.prepare_method` does it."""
 
     def __init__(self, name: str, adapter_dir) -> None:
         self.method = methods.get_method(name)

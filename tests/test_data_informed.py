@@ -233,7 +233,7 @@ def _toy_lora_one(overrides: dict, seed: int = 4):
 
 
 def test_one_preconditioned_step_equals_the_hand_formula():
-    from harness.train import train_step
+    from harness.training.train import train_step
 
     method, hp, model, step = _toy_lora_one({"optimizer": "precond_sgd", "precond_damping": 0.1})
     lr = 0.05
@@ -259,7 +259,7 @@ def test_preconditioned_steps_equal_peft_riemannian_optimizer(optimizer):
     of a Trainer-style loop), over 3 steps (AdamW state included)."""
     from peft.optimizers import create_riemannian_optimizer
 
-    from harness.train import train_step
+    from harness.training.train import train_step
 
     overrides = {"optimizer": optimizer, "precond_damping": 0.05}
     method, hp, ours, step = _toy_lora_one(overrides)
@@ -343,7 +343,7 @@ def test_bf16_loaded_model_passes_the_init_check_at_bf16_tolerance(name):
     """A large distributed trial loads bf16 weights: an init that rewrites them (PiSSA's
     residual, LoRA-GA's offset) rounds them, which the fp32 tolerance would call a broken
     promise; the bf16 tolerance accepts it and still refuses an O(1) move."""
-    from harness import sanity
+    from harness.training import sanity
 
     model = tiny_bert().to(torch.bfloat16)
     probe = {k: v for k, v in batch(30).items()}

@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from harness import identity
-from harness.batching import BatchError, BatchPlan, batch_plan
-from harness.config import ConfigError, DistributedConfig, load_config, validate_config
 from harness.deepspeed.config import render
 from harness.deepspeed.launch import derived_max_concurrent
 from harness.deepspeed.storage import check_storage, is_shared_storage
-from harness.identity import KEY_VERSION, expand
-from harness.memory_estimate import estimate, meta_model
+from harness.spec import identity
+from harness.spec.config import ConfigError, DistributedConfig, load_config, validate_config
+from harness.spec.identity import KEY_VERSION, expand
+from harness.sweeps.memory_estimate import estimate, meta_model
+from harness.training.batching import BatchError, BatchPlan, batch_plan
 from tests.builders import sweep_config, two_rank_sweep_file
 from tests.conftest import REPO, with_identity
 
@@ -200,7 +200,7 @@ def _config(model_id: str):
 
 @pytest.mark.parametrize("model_id", list(ARCHITECTURES))
 def test_architecture_cards_build_on_meta_with_the_published_parameter_counts(model_id):
-    from harness.presets import KNOWN_PARAMS, architecture_config
+    from harness.spec.presets import KNOWN_PARAMS, architecture_config
 
     expected = ARCHITECTURES[model_id][2]
     for config in (_config(model_id), architecture_config(model_id)):
@@ -212,8 +212,8 @@ def test_architecture_cards_build_on_meta_with_the_published_parameter_counts(mo
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """config.json-only folders (no weights) for every preset model."""
-    from harness.presets import ARCHITECTURES as CARDS
-    from harness.presets import write_config_folder
+    from harness.spec.presets import ARCHITECTURES as CARDS
+    from harness.spec.presets import write_config_folder
 
     folder = tmp_path_factory.mktemp("models")
     for model_id in CARDS:
@@ -232,7 +232,7 @@ def model_dir(tmp_path_factory) -> Path:
 )
 def test_presets_validate_offline_and_render(preset, world, stage, lrs, model_dir):
     pytest.importorskip("deepspeed")  # validation checks the distributed path can run
-    from harness.presets import load_preset
+    from harness.spec.presets import load_preset
 
     cfg = load_preset(preset, {"model_dir": str(model_dir)})  # meta-device structure checks
     assert cfg.budget.schedule == "cosine" and cfg.budget.epochs == 1
@@ -256,7 +256,7 @@ def test_presets_validate_offline_and_render(preset, world, stage, lrs, model_di
 def test_sds_presets_scaling_follows_the_paper(model_dir):
     import math
 
-    from harness.presets import preset_path
+    from harness.spec.presets import preset_path
 
     raw = yaml.safe_load(preset_path("llama3-8b-sds").read_text())
     methods = raw["methods"]
@@ -288,7 +288,7 @@ def test_per_rank_memory_decreases_with_world_size_under_zero3(method, overrides
 
 def test_memory_estimate_matches_a_hand_computation():
     """LLaMA3-8B, LoRA r = 32 on q,k,v,o,gate,up,down, ZeRO-3 over 8 ranks, bf16, micro-batch
-    4 x 512 tokens, gradient checkpointing (formula: harness/memory_estimate.py)."""
+    4 x 512 tokens, gradient checkpointing (formula: harness/sweeps/memory_estimate.py)."""
     est = estimate(
         _config(LLAMA), "lora", {"rank": 32}, zero_stage=3, world_size=8, dtype="bf16",
         micro_batch=4, seq_len=512, gradient_checkpointing=True,
@@ -319,7 +319,7 @@ def test_init_memory_follows_the_load_dtype_and_statistics_offload():
     off = estimate(
         config, "lora_ga", {"rank": 32}, load_dtype="bf16", offload_init_statistics=True, **kw
     )
-    from harness.memory_estimate import activation_bytes
+    from harness.sweeps.memory_estimate import activation_bytes
 
     accumulators = 4 * fp32.target_weight_params
     acts = {e: activation_bytes(config, 1, 512, e, True) for e in (2, 4)}
@@ -371,8 +371,9 @@ def test_a_two_worker_zero3_sweep_trains_saves_its_adapter_and_reports_live(
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
 
-    from harness import adapters, tracking
     from harness.cli import main
+    from harness.sweeps import tracking
+    from harness.training import adapters
 
     config = two_rank_sweep_file(tmp_path, mirror_dir, {"lora": {"lrs": [1e-2], "overrides": {
         "rank": 4, "alpha": 8}}})  # fmt: skip
@@ -523,10 +524,10 @@ def test_ranks_together_see_the_single_device_batches(rows, world, micro):
     the data-informed init batches are the same examples on both paths."""
     from itertools import islice
 
-    from harness.batching import batch_plan
     from harness.deepspeed.rank_data import RankShares
-    from harness.pipelines import Pipeline
-    from harness.train import cycle
+    from harness.heads.pipelines import Pipeline
+    from harness.training.batching import batch_plan
+    from harness.training.train import cycle
 
     batch, seed, steps = 16, 3, 3 * rows // 16 + 2  # > 2 epochs
     pipeline = Pipeline(
@@ -552,8 +553,8 @@ def test_ranks_together_see_the_single_device_batches(rows, world, micro):
 
 
 def test_planned_steps_count_full_batches():
-    from harness.config import Budget
-    from harness.trial import planned_steps
+    from harness.spec.config import Budget
+    from harness.training.trial import planned_steps
 
     assert planned_steps(Budget(epochs=1, batch_size=32), 50_000) == 1562  # 50000 // 32
     assert planned_steps(Budget(epochs=2, batch_size=16), 70) == 8

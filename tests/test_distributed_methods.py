@@ -1,7 +1,7 @@
 """Every registered method on 2 gloo ranks under ZeRO-3 against the same trial on one device.
 
 The cases are the methods registry's, read at collection time: a newly registered method is
-compared with no new test code. Each runs the same spec twice: `harness.trial.run_trial`
+compared with no new test code. Each runs the same spec twice: `harness.training.trial.run_trial`
 (LocalBackend: one process, one batch of 8 per step) and `harness.deepspeed.launch.rank_trial`
 on 2 ranks (DeepSpeedBackend: ZeRO-3 with gradient checkpointing, micro-batch 2 x
 accumulation 2 x 2 ranks), and the two rows must agree: the loss curve within LOSS_RTOL,
@@ -133,8 +133,8 @@ def case_params() -> list:
 
 def _resolved_specs(config: Path) -> list[dict]:
     """The sweep's own config path (load_config -> expand -> identity.resolve)."""
-    from harness import identity
-    from harness.config import load_config
+    from harness.spec import identity
+    from harness.spec.config import load_config
 
     cfg = load_config(config)
     cfg = cfg.model_copy(update={"data_dir": cfg.resolved_data_dir()})
@@ -145,7 +145,7 @@ def _zero_refusal(config: Path, method: str, entry: dict) -> str | None:
     """Why config validation refuses `method` alone in `config`'s distributed sweep."""
     import yaml
 
-    from harness.config import ConfigError, validate_config
+    from harness.spec.config import ConfigError, validate_config
 
     prefix = f"methods.{method}: not supported under DeepSpeed ZeRO: "
     try:
@@ -164,7 +164,7 @@ def _rows_from_one_worker_group(specs: list[dict], storage: Path) -> list[dict]:
 
     def train_loop(config):  # nested: pickled by value onto the workers
         from harness.deepspeed.launch import rank_trial
-        from harness.identity import TrialSpec
+        from harness.spec.identity import TrialSpec
 
         rows = [rank_trial(TrialSpec(**spec)) for spec in config["specs"]]
         return rows if rows[0] is not None else None
@@ -204,7 +204,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mirror_dir) -> Runs:
     pytest.importorskip("deepspeed")
-    from harness.trial import run_trial
+    from harness.training.trial import run_trial
 
     root = tmp_path_factory.mktemp("zero")
     refused: dict[str, str] = {}

@@ -15,12 +15,12 @@ import torch
 import yaml
 from torch import nn
 
-from harness import identity
 from harness.cli import main
-from harness.config import load_config
-from harness.identity import expand
-from harness.results import read_runs
-from harness.train import Diverged, check_divergence, train
+from harness.reporting.results import read_runs
+from harness.spec import identity
+from harness.spec.config import load_config
+from harness.spec.identity import expand
+from harness.training.train import Diverged, check_divergence, train
 from tests.conftest import MINILM, REPO
 
 
@@ -147,7 +147,7 @@ def test_killed_driver_resumes_without_duplicates_and_faults_are_recorded(tmp_pa
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from harness.train import SCHEDULES
+    from harness.training.train import SCHEDULES
 
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = SCHEDULES["cosine"](optimizer, total_steps=10, warmup_ratio=0.2)
@@ -166,10 +166,10 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def _killed_trainable(config: dict) -> None:
-    """Dies of `config["signal"]` inside the witness, as `harness.sweep._trainable` runs."""
+    """Dies of `config["signal"]` inside the witness, as `harness.sweeps.sweep._trainable` runs."""
     from ray import tune
 
-    from harness.crash_witness import crash_witness
+    from harness.sweeps.crash_witness import crash_witness
 
     with crash_witness(Path(tune.get_context().get_trial_dir())):
         time.sleep(2.5)  # one heartbeat, so the row can say how large the worker was
@@ -195,13 +195,13 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
     import ray
     from ray import tune
 
-    from harness.sweep import record_runs_callback
+    from harness.sweeps.sweep import record_runs_callback
     from tests.conftest import with_identity
 
     raw = yaml.safe_load(_config(tmp_path, str(tmp_path)).read_text())
     raw["methods"] = {"lora": {"lrs": [1e-3]}}
     raw["seeds"] = list(range(len(KILLS)))
-    from harness.config import validate_config
+    from harness.spec.config import validate_config
 
     specs = with_identity(expand(validate_config(raw)))
     out = tmp_path / "out"
@@ -220,7 +220,7 @@ def test_a_killed_worker_row_says_why_not_only_where(tmp_path):
         ).fit()  # fmt: skip
     finally:
         ray.shutdown()
-    from harness.results import read_runs
+    from harness.reporting.results import read_runs
 
     rows = read_runs(out).set_index("seed")
     for seed, (sent, expected) in enumerate(KILLS):
@@ -262,8 +262,8 @@ def _cli(config: Path, *args: str, timeout: float, mirror_dir: str):
 
 
 def test_an_unreachable_ray_address_is_an_error_in_seconds(tmp_path, mirror_dir):
-    from harness.config import ConfigError
-    from harness.sweep import check_address
+    from harness.spec.config import ConfigError
+    from harness.sweeps.sweep import check_address
 
     port = _free_port()  # nothing listens there: ray.init would retry for minutes
     with pytest.raises(ConfigError, match="unreachable"):
@@ -281,8 +281,8 @@ def test_an_unreachable_ray_address_is_an_error_in_seconds(tmp_path, mirror_dir)
 
 
 def test_resources_the_cluster_lacks_are_refused_not_waited_for():
-    from harness.config import ConfigError, validate_config
-    from harness.sweep import check_cluster_fits
+    from harness.spec.config import ConfigError, validate_config
+    from harness.sweeps.sweep import check_cluster_fits
 
     base = {
         "name": "r", "model": {"id": MINILM}, "tasks": ["glue/sst2"],

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import forgetting
-from harness.config import Budget, EvalConfig
-from harness.identity import TrialSpec
-from harness.trial import run_trial
+from harness.spec.config import Budget, EvalConfig
+from harness.spec.identity import TrialSpec
+from harness.training import forgetting
+from harness.training.trial import run_trial
 from tests.conftest import with_identity
 from tests.tiny_causal_lm import byte_level_tokenizer, save_tiny_causal_lm, tiny_random_llama
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.generate import greedy_generate
-from harness.pipelines import pad_causal_batch
+from harness.heads.generate import greedy_generate
+from harness.heads.pipelines import pad_causal_batch
 from tasks.generative import IGNORE_INDEX, GenerativeTask
 from tests.builders import WORDS, word_llama, word_tokenizer
 
@@ -104,7 +104,7 @@ def test_target_token_count_is_the_causal_lm_loss_denominator():
     """`target_tokens_in` counts what the model's loss averages over, so weighting
     micro-batch losses by it (harness.deepspeed.engine.global_batch_step) rebuilds the whole
     batch's loss exactly, however unevenly the answers' lengths fall."""
-    from harness.pipelines import pad_causal_batch, target_tokens_in
+    from harness.heads.pipelines import pad_causal_batch, target_tokens_in
     from tasks.generative import IGNORE_INDEX
 
     model = word_llama().eval()

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 import tasks
-from harness.config import Budget, EvalConfig
-from harness.identity import TrialSpec
-from harness.trial import run_trial
+from harness.spec.config import Budget, EvalConfig
+from harness.spec.identity import TrialSpec
+from harness.training.trial import run_trial
 from tasks.math_reasoning import math_prediction
 from tasks.protocols.commonsense import build_prompt
 

@@ -92,7 +92,7 @@ def test_gpu_check_dry_run_without_ray_deepspeed_datasets(tmp_path):
 def test_resolve_model_honours_model_dir_variable_without_a_config(tmp_path, monkeypatch):
     """The GPU check's bench finds the carried MiniLM through HARNESS_MODEL_DIR, as a sweep
     would (harness bench passes no model_dir of its own)."""
-    from harness.models import resolve_model
+    from harness.modeling.models import resolve_model
 
     model_id = "acme/gpu-check-stand-in"
     (tmp_path / model_id).mkdir(parents=True)

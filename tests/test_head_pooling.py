@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import identity
-from harness.config import ConfigError
-from harness.identity import TrialSpec
-from harness.models import MaskedMeanPooler, use_mean_pooling
+from harness.modeling.models import MaskedMeanPooler, use_mean_pooling
+from harness.spec import identity
+from harness.spec.config import ConfigError
+from harness.spec.identity import TrialSpec
 from tests.builders import tiny_bert, trial_spec
 
 

@@ -14,11 +14,11 @@ from pydantic import BaseModel
 
 import methods
 import tasks
-from harness import identity
-from harness.config import Budget, ConfigError, DistributedConfig, EvalConfig
-from harness.identity import KEY_VERSION, TrialSpec
-from harness.results import build_leaderboard, normalise_runs, read_runs, write_runs
-from harness.sweep import pending_specs
+from harness.reporting.results import build_leaderboard, normalise_runs, read_runs, write_runs
+from harness.spec import identity
+from harness.spec.config import Budget, ConfigError, DistributedConfig, EvalConfig
+from harness.spec.identity import KEY_VERSION, TrialSpec
+from harness.sweeps.sweep import pending_specs
 from tests.conftest import MINILM
 
 BUDGET = Budget(max_steps=2, batch_size=4, max_length=16, train_rows=16, selection_rows=8,
@@ -276,7 +276,7 @@ def test_version1_runs_of_another_setting_are_a_conflict_not_a_match(rte_copy, c
 
 
 def test_sweep_refuses_an_output_dir_of_another_setting_and_changes_nothing(rte_copy, tmp_path):
-    from harness.config import validate_config
+    from harness.spec.config import validate_config
 
     cfg = validate_config({
         "name": "t", "model": {"id": MINILM}, "tasks": ["glue/rte"],
@@ -412,8 +412,8 @@ def test_added_option_reads_old_rows_as_the_old_behaviour(rte_copy, monkeypatch)
 
 
 def test_sweep_refuses_runs_of_other_package_versions_and_changes_nothing(rte_copy, tmp_path):
-    from harness import provenance
-    from harness.config import validate_config
+    from harness.spec import provenance
+    from harness.spec.config import validate_config
 
     cfg = validate_config({
         "name": "t", "model": {"id": MINILM}, "tasks": ["glue/rte"],

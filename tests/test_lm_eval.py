@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import cli
-from harness.lm_eval_interop import task_config_hash
+from harness.reporting.lm_eval_interop import task_config_hash
 from tests.tiny_causal_lm import save_tiny_causal_lm
 
 lm_eval = pytest.importorskip("lm_eval", reason="optional extra: pip install '.[lmeval]'")
@@ -133,7 +133,7 @@ def test_task_config_hash_ignores_the_yaml_location_not_the_content():
 
 
 def test_an_adapter_trained_for_classification_is_refused_before_loading(tmp_path, capsys):
-    from harness.adapters import META_FILE
+    from harness.training.adapters import META_FILE
 
     run = tmp_path / "run"
     run.mkdir()
@@ -148,9 +148,9 @@ def test_a_saved_trial_artifact_evaluates_as_the_trained_adapter(adapter, mirror
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.config import Budget, EvalConfig
-    from harness.identity import TrialSpec
-    from harness.trial import run_trial
+    from harness.spec.config import Budget, EvalConfig
+    from harness.spec.identity import TrialSpec
+    from harness.training.trial import run_trial
 
     base_dir, _ = adapter
     spec = TrialSpec(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import methods
-from harness.train import train_step
+from harness.training.train import train_step
 from methods import lora_pro
 from tests.builders import LAYER, batch, ctx, tiny_bert
 
@@ -275,7 +275,7 @@ def test_defaults_scaling_and_variants():
 
 
 def test_zero_refuses_full_momentum_with_the_reason_and_accepts_the_transform():
-    from harness.config import ConfigError, validate_config, zero_unsupported_reason
+    from harness.spec.config import ConfigError, validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method("lora_pro")
@@ -292,7 +292,7 @@ def test_zero_refuses_full_momentum_with_the_reason_and_accepts_the_transform():
 
 @pytest.mark.parametrize("full_momentum", [True, False])
 def test_single_cpu_trial_gives_an_ok_row_with_passing_checks(mirror_dir, full_momentum):
-    from harness.trial import run_trial
+    from harness.training.trial import run_trial
     from tests.builders import trial_spec
 
     trial = trial_spec(mirror_dir, method="lora_pro").model_copy(

@@ -132,7 +132,7 @@ NEW = ["lora_xs", "scaled_adamw"]
 def test_zero_path_accepts_them_by_the_existing_contract(name):
     """No training callbacks (lora_xs: a plug-in adapter like LoRA-SB's; scaled_adamw: a
     gradient transform, applied to assembled gradients under ZeRO), so validation passes."""
-    from harness.config import validate_config, zero_unsupported_reason
+    from harness.spec.config import validate_config, zero_unsupported_reason
     from tests.builders import sweep_config
 
     method = methods.get_method(name)
@@ -144,7 +144,7 @@ def test_zero_path_accepts_them_by_the_existing_contract(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_single_cpu_trial_gives_an_ok_row_with_passing_checks(mirror_dir, name):
-    from harness.trial import run_trial
+    from harness.training.trial import run_trial
     from tests.builders import trial_spec
 
     row = run_trial(trial_spec(mirror_dir, method=name))

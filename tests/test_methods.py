@@ -498,7 +498,7 @@ def test_every_method_preset_validates_and_legacy_is_the_old_default():
 
 
 def test_sweep_preset_key_expands_with_explicit_overrides_on_top():
-    from harness.config import ConfigError, validate_config
+    from harness.spec.config import ConfigError, validate_config
     from tests.conftest import MINILM
 
     raw = {
@@ -519,8 +519,8 @@ def test_sweep_preset_key_expands_with_explicit_overrides_on_top():
 def test_cg_lora_glue_preset_is_cosine_and_uses_the_official_presets():
     import yaml
 
-    from harness.config import validate_config
-    from harness.presets import preset_path
+    from harness.spec.config import validate_config
+    from harness.spec.presets import preset_path
     from tests.conftest import MINILM
 
     raw = yaml.safe_load(preset_path("roberta-base-cglora-glue").read_text())

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from transformers import BertForSequenceClassification
 
 import methods
-from harness import identity
+from harness.spec import identity
 from tests.builders import tiny_bert
 
 RANK = 4

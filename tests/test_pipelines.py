@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tasks
-from harness import pipelines
-from harness.models import RANDOM_T5_ID, resolve_model
+from harness.heads import pipelines
+from harness.modeling.models import RANDOM_T5_ID, resolve_model
 from tasks.base import HeadKind
 from tests.conftest import MINILM
 

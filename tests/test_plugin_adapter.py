@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import methods
-from harness import sanity
+from harness.training import sanity
 from methods.base import (
     LOSS_WEIGHT_KEY,
     Method,

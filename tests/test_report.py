@@ -1,4 +1,5 @@
-"""The report (harness/report.py) and the published numbers (harness/published.py).
+"""The report (harness/reporting/report.py) and the published numbers
+(harness/reporting/published.py).
 
 Report tests run on a copy of the committed results/glue-minilm-main output in tmp_path
 (nothing is ever written into results/). The browser test needs a chromium binary; CI
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.published import (
+from harness.reporting.published import (
     COLUMNS,
     PUBLISHED_CSV,
     PublishedDataError,
@@ -26,9 +27,9 @@ from harness.published import (
     load_published,
     model_family,
 )
-from harness.report import pareto_front, write_report
-from harness.report_interactive import DATA_ID, LOWER_IS_BETTER_RE, json_for_script
-from harness.results import write_leaderboard
+from harness.reporting.report import pareto_front, write_report
+from harness.reporting.report_interactive import DATA_ID, LOWER_IS_BETTER_RE, json_for_script
+from harness.reporting.results import write_leaderboard
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "results" / "glue-minilm-main"
@@ -486,7 +487,8 @@ def _dom_order(board: pd.DataFrame, column: str, descending: bool) -> list[tuple
 
 
 def _front_rows(board: pd.DataFrame, x: str, y: str, x_lower: bool, y_lower: bool) -> set[int]:
-    """Leaderboard rows on the Pareto front of their task, by `harness.report.pareto_front`
+    """Leaderboard rows on the Pareto front of their task, by
+    `harness.reporting.report.pareto_front`
     (which wants a cost to minimise and a score to maximise)."""
     rows: set[int] = set()
     for _, g in board.reset_index(drop=True).groupby("task"):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.results import (
+from harness.reporting.results import (
     LEADERBOARD_COLUMNS,
     RUN_COLUMNS,
     append_runs,

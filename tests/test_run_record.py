@@ -1,4 +1,4 @@
-"""The run record (harness.run_record) is the one definition of runs.parquet's columns.
+"""The run record (harness.reporting.run_record) is the one definition of runs.parquet's columns.
 
 Checked here: the README's schema table is rendered from it; rows that do not fit it are
 refused with nothing written; the committed results fit it; and every key the trial code
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness import results
-from harness.results import (
+from harness.reporting import results
+from harness.reporting.results import (
     JOURNAL_DIR,
     RUNS_FILE,
     RowRefusedError,
@@ -28,7 +28,7 @@ from harness.results import (
     append_runs,
     read_runs,
 )
-from harness.run_record import (
+from harness.reporting.run_record import (
     FIELDS_BY_NAME,
     README_END,
     README_START,
@@ -59,7 +59,7 @@ def _row(n: int = 0, **changes) -> dict:
 def _readme_section(text: str) -> str:
     assert text.count(README_START) == 1 and text.count(README_END) == 1, (
         f"README.md must hold the runs.parquet schema between {README_START} and {README_END} "
-        "once (paste harness.run_record.render_readme_section() there)"
+        "once (paste harness.reporting.run_record.render_readme_section() there)"
     )
     return text.split(README_START, 1)[1].split(README_END, 1)[0].strip("\n") + "\n"
 
@@ -67,7 +67,7 @@ def _readme_section(text: str) -> str:
 def test_the_readme_schema_section_is_rendered_from_the_run_record():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert _readme_section(readme) == render_readme_section(), (
-        "README.md's runs.parquet table differs from harness/run_record.py: paste "
+        "README.md's runs.parquet table differs from harness/reporting/run_record.py: paste "
         "render_readme_section() between the markers"
     )
 
@@ -86,12 +86,15 @@ def test_the_rendered_table_has_one_line_per_column_in_order():
 def test_the_run_record_has_unique_columns_a_description_each_and_cheap_imports():
     assert len(set(RUN_COLUMNS)) == len(RUN_COLUMNS) == len(RUN_FIELDS)
     assert all(f.description and "\n" not in f.description for f in RUN_FIELDS)
-    assert results.RUN_COLUMNS is RUN_COLUMNS  # still importable from harness.results
+    assert results.RUN_COLUMNS is RUN_COLUMNS  # still importable from harness.reporting.results
     import subprocess
     import sys
 
     heavy = "('torch', 'ray', 'pandas', 'pyarrow')"
-    code = f"import sys, harness.run_record; print(sorted(set({heavy}) & set(sys.modules)))"
+    code = (
+        f"import sys, harness.reporting.run_record; "
+        f"print(sorted(set({heavy}) & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stderr
 
@@ -198,7 +201,7 @@ def _compatible(arrow_type: pa.DataType, kind: str) -> bool:
 def test_every_committed_runs_column_is_in_the_run_record_with_a_compatible_type(path, tmp_path):
     schema = pq.read_schema(path)
     unknown = [name for name in schema.names if name not in FIELDS_BY_NAME]
-    assert not unknown, f"{path}: columns not in harness/run_record.py: {unknown}"
+    assert not unknown, f"{path}: columns not in harness/reporting/run_record.py: {unknown}"
     df = pd.read_parquet(path)
     for name in schema.names:
         field = FIELDS_BY_NAME[name]
@@ -226,15 +229,16 @@ def test_there_are_committed_results_to_check():
 
 
 # ----------------------------------------------------------------- (d) what the code writes
-ROW_WRITERS = ("harness/trial.py", "harness/deepspeed/launch.py", "harness/deepspeed/engine.py",
-               "harness/forgetting.py", "harness/sweep.py")  # fmt: skip
+ROW_WRITERS = ("harness/training/trial.py", "harness/deepspeed/launch.py",
+               "harness/deepspeed/engine.py", "harness/training/forgetting.py",
+               "harness/sweeps/sweep.py")  # fmt: skip
 # Functions whose returned dict is merged into a row (row.update(f(...))): where they live.
 ROW_PRODUCERS = {
-    "hardware": "harness/provenance.py",
-    "save": "harness/adapters.py",
+    "hardware": "harness/spec/provenance.py",
+    "save": "harness/training/adapters.py",
     "copy_adapter": "harness/deepspeed/checkpoint.py",
-    "ray_node": "harness/sweep.py",
-    "base_row": "harness/trial.py",
+    "ray_node": "harness/sweeps/sweep.py",
+    "base_row": "harness/training/trial.py",
 }
 
 
@@ -316,9 +320,9 @@ def test_every_key_the_trial_code_puts_in_a_row_is_a_run_column():
         assert keys, f"nothing found in {path}: the reader above no longer sees its rows"
         assert keys <= set(RUN_COLUMNS), f"{path} writes {sorted(keys - set(RUN_COLUMNS))}"
     # The other way round: every column is written by that code, or by the re-keying of
-    # old runs (harness.identity), so the run record holds no dead column.
+    # old runs (harness.spec.identity), so the run record holds no dead column.
     written = set().union(*found.values())
-    identity_tree = _tree("harness/identity.py")
+    identity_tree = _tree("harness/spec/identity.py")
     rekeyed = {
         e.value
         for node in ast.walk(identity_tree)
@@ -333,9 +337,9 @@ def test_every_key_the_trial_code_puts_in_a_row_is_a_run_column():
 def test_a_real_trials_rows_fit_the_run_record(mirror_dir, tmp_path):
     """A real (tiny) trial on the single-device path, ok and failed, as the sweep records
     it: through the JSON a Ray worker reports it in, then appended and read back."""
-    from harness.config import Budget, EvalConfig
-    from harness.identity import TrialSpec
-    from harness.trial import run_trial
+    from harness.spec.config import Budget, EvalConfig
+    from harness.spec.identity import TrialSpec
+    from harness.training.trial import run_trial
     from tests.conftest import MINILM
 
     def spec(data_dir: str) -> TrialSpec:
@@ -353,7 +357,7 @@ def test_a_real_trials_rows_fit_the_run_record(mirror_dir, tmp_path):
     assert failed["status"] == "failed"
     for row in (ok, failed):
         assert set(row) <= set(RUN_COLUMNS), sorted(set(row) - set(RUN_COLUMNS))
-        reported = json.loads(json.dumps(row, default=str))  # harness.sweep's final report
+        reported = json.loads(json.dumps(row, default=str))  # harness.sweeps.sweep's final report
         assert validate_row(reported) == validate_row(row)
     append_runs(tmp_path / "out", [json.loads(json.dumps(r, default=str)) for r in (ok, failed)])
     runs = read_runs(tmp_path / "out").set_index("status")

@@ -8,7 +8,7 @@ import copy
 import torch
 
 import methods
-from harness.train import train_step
+from harness.training.train import train_step
 from tests.builders import LAYER, batch, ctx, tiny_bert
 
 RANK = 4

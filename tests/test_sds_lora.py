@@ -15,7 +15,7 @@ from torch import nn
 
 import methods
 import methods.sds_lora as sds
-from harness.train import train, train_step
+from harness.training.train import train, train_step
 from methods.peft_lora import matching_linear_layers
 from tests.builders import HEAD, LAYER, TARGETS, batch, logits, tiny_bert
 
@@ -248,7 +248,7 @@ def test_warmup_reparameterization_keeps_logits_and_resets_the_optimizer():
 
 
 def test_checked_callbacks_fail_a_reparameterization_that_moves_the_function():
-    from harness import sanity
+    from harness.training import sanity
 
     _, model, method, hp, _ = prepare(warmup_steps=2)
     optimizer = method.build_optimizer(model, 1e-2, hp)
@@ -485,9 +485,9 @@ def test_load_refuses_another_adapter_type(tmp_path):
 
 
 def test_a_trial_runs_end_to_end_with_warmup_and_refresh(mirror_dir, monkeypatch):
-    from harness.config import Budget, EvalConfig
-    from harness.identity import TrialSpec
-    from harness.trial import run_trial
+    from harness.spec.config import Budget, EvalConfig
+    from harness.spec.identity import TrialSpec
+    from harness.training.trial import run_trial
     from tests.conftest import MINILM
 
     spec = TrialSpec(

@@ -12,12 +12,12 @@ import torch
 
 import methods
 import tasks
-from harness.config import Budget, EvalConfig
-from harness.identity import TrialSpec
-from harness.models import RANDOM_T5_ID, model_structure, resolve_model
-from harness.pipelines import build_pipeline, head_kind, task_protocol
-from harness.seq2seq_pipeline import candidate_scores, label_tokens_in
-from harness.trial import run_trial
+from harness.heads.pipelines import build_pipeline, head_kind, task_protocol
+from harness.heads.seq2seq_pipeline import candidate_scores, label_tokens_in
+from harness.modeling.models import RANDOM_T5_ID, model_structure, resolve_model
+from harness.spec.config import Budget, EvalConfig
+from harness.spec.identity import TrialSpec
+from harness.training.trial import run_trial
 from tasks.glue import PROTOCOL, TEXT_TO_TEXT_PROTOCOL
 from tests.conftest import MINILM
 
@@ -47,7 +47,7 @@ def test_glue_tasks_run_text_to_text_on_t5_with_their_own_protocol():
 
 
 def test_the_run_key_carries_the_text_to_text_protocol():
-    from harness import identity
+    from harness.spec import identity
 
     def spec(model_id: str) -> TrialSpec:
         return TrialSpec(
@@ -95,7 +95,7 @@ def test_random_t5_structure_and_unknown_random_ids():
 
 
 def test_word_level_tokenizer_is_deterministic_and_keeps_label_words():
-    from harness.models import word_level_tokenizer
+    from harness.modeling.models import word_level_tokenizer
 
     texts = ["b a a", "c b a", "d"]
     one = word_level_tokenizer(texts, 8, ["not_entailment", "entailment"])
@@ -204,7 +204,12 @@ def test_trials_on_random_t5_are_ok_rows_with_passed_sanity_checks(mirror_dir, m
 
 
 def test_t5_base_preset_validates_offline(tmp_path):
-    from harness.presets import KNOWN_PARAMS, architecture_config, load_preset, write_config_folder
+    from harness.spec.presets import (
+        KNOWN_PARAMS,
+        architecture_config,
+        load_preset,
+        write_config_folder,
+    )
 
     write_config_folder("google-t5/t5-base", tmp_path)
     cfg = load_preset("t5-base-cglora-glue", {"model_dir": str(tmp_path)})

@@ -1,4 +1,4 @@
-"""Sharded evaluation (harness/sharding.py): 2 gloo ranks give what one process gives."""
+"""Sharded evaluation (harness/heads/sharding.py): 2 gloo ranks give what one process gives."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.generate import greedy_generate
-from harness.pipelines import make_loader
-from harness.sharding import Shard
-from harness.train import predict
+from harness.heads.generate import greedy_generate
+from harness.heads.pipelines import make_loader
+from harness.heads.sharding import Shard
+from harness.training.train import predict
 from tests.builders import tiny_bert, word_llama, word_tokenizer
 
 N_ITEMS, BATCH = 5, 2  # shards of 3 and 2 items: 2 and 1 calls, so one dummy call under sync

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.results import build_leaderboard, format_leaderboard, metric_value_range
-from harness.stats import ci95, clip_interval, paired_bootstrap
+from harness.reporting.results import build_leaderboard, format_leaderboard, metric_value_range
+from harness.reporting.stats import ci95, clip_interval, paired_bootstrap
 from tests.builders import result_row
 
 
@@ -120,7 +120,7 @@ def test_an_undefined_interval_is_not_reported_as_a_difference():
 
 # -- intervals cut to the metric's range, and marked when too few seeds stand behind them ------
 def _raw_t_interval(scores: list[float]) -> tuple[float, float]:
-    """The Student-t 95% interval, computed here without harness.stats."""
+    """The Student-t 95% interval, computed here without harness.reporting.stats."""
     x = np.asarray(scores, dtype=float)
     half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
     return x.mean() - half, x.mean() + half
@@ -200,7 +200,7 @@ def test_metric_ranges_come_from_the_task_declarations():
 
 
 def test_report_marks_few_seed_intervals_and_says_so(tmp_path):
-    from harness.report import write_report
+    from harness.reporting.report import write_report
 
     rows = _seed_rows([0.90, 0.96]) + [
         {**r, "method": "dora", "key": f"dora-{i}"} for i, r in enumerate(_seed_rows([0.7] * 3))

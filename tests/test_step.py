@@ -1,4 +1,4 @@
-"""The optimizer step both training loops share (harness.train's `boundary_step`,
+"""The optimizer step both training loops share (harness.training.train's `boundary_step`,
 `LossHistory`): clip, then the method's gradient transform, then the update; the loss rules.
 
 One device reaches the gradients as `.grad` (`LocalGradients`); the ZeRO loop through
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.deepspeed.engine import ClipAndTransform
-from harness.train import (
+from harness.training.train import (
     Diverged,
     LocalGradients,
     LossHistory,

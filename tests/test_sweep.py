@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.results import LEADERBOARD_COLUMNS, RUN_COLUMNS
+from harness.reporting.results import LEADERBOARD_COLUMNS, RUN_COLUMNS
 from tests.conftest import MINILM
 
 pytestmark = pytest.mark.slow

@@ -88,7 +88,7 @@ def test_task_declares_a_versioned_protocol_and_a_known_head(task_id):
 
 @pytest.mark.parametrize("task_id", TASK_IDS)
 def test_the_protocol_is_what_a_row_records_on_each_model_family(task_id):
-    from harness.pipelines import task_protocol  # what load_data_and_model records
+    from harness.heads.pipelines import task_protocol  # what load_data_and_model records
 
     task = tasks.get_task(task_id)
     assert task_protocol(task, HEAD_FAMILY[task.head]) == task.protocol
@@ -103,8 +103,8 @@ def test_a_real_row_records_the_protocol_and_the_split_sizes(task_id):
     """The trial's own data step (`load_data_and_model`) on the packaged MiniLM."""
     import torch
 
-    from harness import identity
-    from harness.trial import load_data_and_model
+    from harness.spec import identity
+    from harness.training.trial import load_data_and_model
     from tests.builders import trial_spec
 
     splits_or_skip(task_id)

@@ -46,7 +46,7 @@ def fixture_mirror(tmp_path_factory) -> str:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from harness.models import resolve_model
+    from harness.modeling.models import resolve_model
 
     return AutoTokenizer.from_pretrained(
         resolve_model("sentence-transformers/all-MiniLM-L6-v2", None, None).location

@@ -1,5 +1,5 @@
 """Live experiment tracking: a real local sweep reports while it trains, Ray's MLflow logger
-writes a real file store, and only final reports become rows (harness/tracking.py)."""
+writes a real file store, and only final reports become rows (harness/sweeps/tracking.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import tracking
 from harness.cli import main
-from harness.config import SweepConfig, validate_config
-from harness.identity import expand
+from harness.spec.config import SweepConfig, validate_config
+from harness.spec.identity import expand
+from harness.sweeps import tracking
 from tests.conftest import MINILM, with_identity
 
 
@@ -102,7 +102,7 @@ def test_tracking_options_never_change_a_runs_key(tmp_path: Path):
 def test_train_reports_loss_lr_grad_norm_and_evals_every_n_steps():
     import torch
 
-    from harness.train import train
+    from harness.training.train import train
 
     torch.manual_seed(0)
     model = _TinyRegressor()
@@ -162,7 +162,7 @@ def test_asha_stops_a_weak_lr_within_its_group_only():
 
 
 def test_stopped_trials_are_never_eligible_for_the_leaderboard():
-    from harness.results import build_leaderboard, normalise_runs
+    from harness.reporting.results import build_leaderboard, normalise_runs
 
     rows = []
     for lr, score, status in ((1e-3, 0.6, "ok"), (1e-2, 0.9, "stopped")):
@@ -197,9 +197,9 @@ class _TinyRegressor:
 
 
 def test_collector_records_final_rows_only_and_stopped_trials_as_stopped(tmp_path: Path):
-    from harness.results import read_runs
-    from harness.sweep import record_runs_callback
-    from harness.trial import base_row
+    from harness.reporting.results import read_runs
+    from harness.sweeps.sweep import record_runs_callback
+    from harness.training.trial import base_row
 
     specs = with_identity(expand(SweepConfig(**{
         "name": "c", "model": {"id": MINILM}, "tasks": ["glue/sst2"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import methods
-from harness.trial import run_trial
+from harness.training.trial import run_trial
 from tests.builders import trial_spec
 
 
@@ -89,7 +89,7 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
 
     import pandas as pd
 
-    from harness.trial import evaluate_into_row
+    from harness.training.trial import evaluate_into_row
 
     scores = {"selection": {"accuracy": 0.5}, "test/a": {"accuracy": 0.2},
               "test/b": {"accuracy": 0.6}}  # fmt: skip
@@ -100,7 +100,7 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
     )  # fmt: skip
     splits = SimpleNamespace(test={"a": None, "b": None}, train=pd.DataFrame({"label": [1, 1, 0]}))
     row: dict = {}
-    monkeypatch.setattr("harness.trial._majority_baseline", lambda task, splits: 0.5)
+    monkeypatch.setattr("harness.training.trial._majority_baseline", lambda task, splits: 0.5)
     evaluate_into_row(task, splits, pipeline, row)
     assert row["test_score"] == pytest.approx(0.4) and row["test_metric"] == "average"
     # Both paths are the one recipe, which calls this very function (the distributed one
@@ -109,7 +109,7 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
     import inspect
 
     import harness.deepspeed.launch as launch
-    import harness.trial as trial
+    import harness.training.trial as trial
 
     def calls(module, name: str) -> bool:
         tree = ast.parse(inspect.getsource(module))
@@ -121,7 +121,7 @@ def test_evaluation_adds_the_tasks_suite_summary_in_both_trial_paths(monkeypatch
     def imports_from_trial(module, name: str) -> bool:
         tree = ast.parse(inspect.getsource(module))
         return any(
-            isinstance(node, ast.ImportFrom) and node.module == "harness.trial"
+            isinstance(node, ast.ImportFrom) and node.module == "harness.training.trial"
             and any(alias.name == name and alias.asname is None for alias in node.names)
             for node in ast.walk(tree)
         )  # fmt: skip
@@ -137,7 +137,7 @@ def test_an_autocast_trial_computes_in_bf16_and_keeps_fp32_weights(mirror_dir, m
     Checked where it shows: the dtype of a Linear's output inside the model's forward."""
     import torch
 
-    from harness import backend
+    from harness.training import backend
 
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     original = backend.LocalBackend.compute

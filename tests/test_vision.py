@@ -11,8 +11,8 @@ from torch import nn
 
 import tasks
 import tasks.vision  # noqa: F401  (registers the vision tasks)
-from harness.image_models import RANDOM_INIT_ID, load_image_classifier
-from harness.models import ModelSource
+from harness.modeling.image_models import RANDOM_INIT_ID, load_image_classifier
+from harness.modeling.models import ModelSource
 from methods.targets import default_target_modules
 from tasks.vision import (
     PROTOCOL,
@@ -403,10 +403,10 @@ def test_accuracy_and_argmax_on_hand_made_predictions():
 def test_a_real_trial_on_the_dtd_subset_with_a_random_init_vit(mirror_dir):
     import json
 
-    from harness.config import Budget, EvalConfig
-    from harness.identity import TrialSpec
-    from harness.image_models import RANDOM_INIT_ID
-    from harness.trial import run_trial
+    from harness.modeling.image_models import RANDOM_INIT_ID
+    from harness.spec.config import Budget, EvalConfig
+    from harness.spec.identity import TrialSpec
+    from harness.training.trial import run_trial
 
     spec = TrialSpec(
         sweep="t", method="lora", method_overrides={}, task="vision/dtd", lr=1e-3, seed=0,

@@ -4,7 +4,7 @@ LoRA-One's preconditioners need whole A and B matrices, but ZeRO's optimizer hol
 partitions; the harness assembles the full gradients at the accumulation boundary, clips
 them and applies the transform (`ClipAndTransform`), with DeepSpeed's own clipping off.
 Here 2 gloo ranks x 2 micro-batches train a toy under ZeRO-2 and ZeRO-3 (parameters really
-partitioned) and must land on the parameters of `harness.train.train_step` on one device.
+partitioned) and must land on the parameters of `harness.training.train.train_step` on one device.
 
 The toy's loss is a mean over "kept" terms, like a causal LM's mean over labelled tokens:
 with micro-batches holding different numbers of terms, `global_batch_step` must weight them
@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import methods
-from harness.config import DistributedConfig
-from harness.train import apply_gradient_transform, train_step
+from harness.spec.config import DistributedConfig
+from harness.training.train import apply_gradient_transform, train_step
 
 STEPS, LR, WEIGHT_DECAY, MAX_NORM, RANK = 3, 0.05, 0.01, 0.05, 4
 GLOBAL_BATCH, WORLD, MICRO = 8, 2, 2
@@ -200,7 +200,7 @@ def test_uneven_loss_terms_give_the_whole_batch_mean(tmp_path: Path, stage, opti
 
 
 def _causal_pipeline():
-    from harness.pipelines import Pipeline, pad_causal_batch, target_tokens_in
+    from harness.heads.pipelines import Pipeline, pad_causal_batch, target_tokens_in
     from tasks.generative import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(5)
@@ -228,8 +228,8 @@ def _init_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from harness.batching import batch_plan
     from harness.deepspeed.rank_data import RankShares
+    from harness.training.batching import batch_plan
     from methods.base import model_inputs
 
     shares = RankShares(_causal_pipeline(), batch_plan(GLOBAL_BATCH, WORLD, MICRO), rank, "cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from harness.forgetting import SHIPPED_CORPUS
+from harness.training.forgetting import SHIPPED_CORPUS
 
 EOS = "<|endoftext|>"
 

@@ -3,7 +3,7 @@
 - `harness bench --all` (harness/bench/suite.py): every registered method in one table,
   with the papers' cost targets and MFU (harness/bench/mfu.py); `--llm-width`
   (harness/bench/width.py): init memory of the data-informed inits at LLM width on CPU vs
-  harness/memory_estimate.py.
+  harness/sweeps/memory_estimate.py.
 
 - `bench_train_step`: one harness training step vs a bare peft + torch loop on the same
   batch, interleaved (A, B, A, B, ...) so drift on a shared machine hits both; prints
@@ -22,8 +22,8 @@ import time
 import torch
 
 import methods
-from harness.models import load_sequence_model, resolve_model
-from harness.train import linear_warmup_decay, train_step
+from harness.modeling.models import load_sequence_model, resolve_model
+from harness.training.train import linear_warmup_decay, train_step
 from methods.targets import default_target_modules
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -133,7 +133,7 @@ def real_batches(tokenizer, n: int, batch_size: int = 16, max_length: int = 64):
 
 
 def bench_init_cost(init_batches: int = 8, step_samples: int = 10) -> dict[str, dict]:
-    from harness import memory
+    from harness.training import memory
 
     torch.manual_seed(0)
     device = torch.device("cpu")

@@ -5,10 +5,10 @@ parent, which has imported everything but run no torch op) loads the model
 (packaged MiniLM by default) and the same real SST-2 batches, runs one warm-up forward +
 backward (lazy initialisation in no method's number), then
 - init: `method.prepare` exactly as a trial calls it (wall and CPU time; peak resident set
-  above the level just before, harness/memory.py's reset VmHWM), data-informed methods all
+  above the level just before, harness/training/memory.py's reset VmHWM), data-informed methods all
   reading the same `init_batches` batches;
 - train step: `train_step` + the method's gradient transform and callbacks, as
-  harness/train.py runs them, over a run compressed to `warm_steps + timed_steps` steps (so
+  harness/training/train.py runs them, over a run compressed to `warm_steps + timed_steps` steps (so
   schedule-driven callbacks such as SDS-LoRA's warm-up and basis refresh happen in their
   paper proportion); the first `warm_steps` untimed, the mean of the rest timed; peak
   resident set of the timed steps (whole process), and the exact bytes a step holds
@@ -77,7 +77,7 @@ def load_bench_model(spec: str):
     import torch
 
     from harness.bench import MODEL_ID
-    from harness.models import LoadedModel, load_sequence_model, resolve_model
+    from harness.modeling.models import LoadedModel, load_sequence_model, resolve_model
 
     torch.manual_seed(0)
     if spec == MINILM:
@@ -108,7 +108,7 @@ def _tokenizer(location: str):
 def bench_batches(settings: Settings) -> tuple[list[dict], int]:
     """The SST-2 batches every method of a run reads (cached: one read per process)."""
     from harness.bench import MODEL_ID, real_batches
-    from harness.models import resolve_model
+    from harness.modeling.models import resolve_model
 
     tokenizer = _tokenizer(resolve_model(MODEL_ID, None, None).location)
     return real_batches(tokenizer, settings.init_batches, settings.batch_size, settings.max_length)
@@ -158,8 +158,8 @@ def measure_method(name: str, settings: Settings) -> dict[str, Any]:
     import torch
 
     import methods
-    from harness import memory
-    from harness.train import linear_warmup_decay, train_step
+    from harness.training import memory
+    from harness.training.train import linear_warmup_decay, train_step
 
     torch.set_num_threads(settings.threads)
     loaded = load_bench_model(settings.model)
@@ -204,7 +204,7 @@ def measure_method(name: str, settings: Settings) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         callbacks = impl.callbacks(hp, total_steps)
 
-    def step(i: int) -> int:  # one step of harness/train.py's loop
+    def step(i: int) -> int:  # one step of harness/training/train.py's loop
         batch = batches[(i - 1) % len(batches)]
         train_step(model, batch, optimizer, scheduler, 1.0, transform)
         for cb in callbacks:

@@ -1,5 +1,5 @@
 """`harness bench --llm-width`: init memory of the data-informed inits at LLM width, on CPU,
-against harness/memory_estimate.py's prediction for the same shapes.
+against harness/sweeps/memory_estimate.py's prediction for the same shapes.
 
 Model: a seeded random-init Llama-style causal LM (transformers LlamaConfig), hidden 2048
 and 4096, 2 layers, head dim 128 (16 / 32 heads, no grouped KV), intermediate 2 x hidden
@@ -13,7 +13,7 @@ windows a batch, labels = inputs (causal LM loss). Every init reads the same
 Each (width, method) runs in a fresh forked process with a fixed glibc mmap threshold
 (128 KiB, as harness/bench/suite.py): resident set before the model is
 built (interpreter, libraries, batches), the model built, a small warm-up forward + backward
-(lazy initialisation), VmHWM reset (harness/memory.py), `prepare`, VmHWM read.
+(lazy initialisation), VmHWM reset (harness/training/memory.py), `prepare`, VmHWM read.
 - measured total = peak - resident set before the model: model + init, the quantity of
   `MemoryEstimate.init_peak_bytes` (fp32 load, world size 1, no gradient checkpointing);
 - measured extra = peak - resident set just before `prepare`, against the prediction less
@@ -67,7 +67,7 @@ def text_batches(s: WidthSettings) -> list[dict]:
     from transformers import AutoTokenizer
 
     from harness.bench import MODEL_ID
-    from harness.models import resolve_model
+    from harness.modeling.models import resolve_model
 
     data_dir = os.environ.get("HARNESS_DATA_DIR") or str(REPO.parent / "shared" / "data")
     sentences = pd.read_parquet(Path(data_dir) / "nyu-mll/glue/sst2/train.parquet")["sentence"]
@@ -97,7 +97,7 @@ def measure_init(method: str, s: WidthSettings) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     import methods
-    from harness import memory
+    from harness.training import memory
     from methods.peft_lora import matching_linear_layers
 
     torch.set_num_threads(s.threads)
@@ -141,7 +141,7 @@ def measure_init(method: str, s: WidthSettings) -> dict[str, Any]:
 
 
 def predicted(method: str, s: WidthSettings) -> dict[str, int]:
-    from harness.memory_estimate import estimate
+    from harness.sweeps.memory_estimate import estimate
 
     est = estimate(
         llama_config(s), method, {"init_batches": s.init_batches}, zero_stage=2,
@@ -198,7 +198,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"fp32, {s['threads']} thread(s); {s['init_batches']} batches of {s['micro_batch']} x "
         f"{s['seq_len']} real SST-2 tokens (MiniLM tokenizer, ids mod vocab); default rank; "
         "7 decoder projections. Peak RSS (fixed 128 KiB mmap threshold, fresh process each) vs "
-        "harness/memory_estimate.py `init_peak_bytes` (fp32 load, no gradient "
+        "harness/sweeps/memory_estimate.py `init_peak_bytes` (fp32 load, no gradient "
         "checkpointing); total = model + init, extra = init alone. Statistics held: the exact "
         "fp32 bytes each method keeps over the pass (LoRA-GA, LoRA-One, LoRA-SB: a gradient "
         "accumulator per targeted weight, sum of m x n; CG-LoRA: pooled K-FAC rows, "

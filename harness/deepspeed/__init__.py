@@ -1,8 +1,8 @@
 """Distributed trials: DeepSpeed ZeRO-2/3 under Ray Train, one module per concern.
 
 - `launch`: the Tune driver per trial, the Ray Train worker group, the per-rank trial
-  (`rank_trial`: harness.trial's one recipe on the DeepSpeed backend);
-- `engine`: the DeepSpeed backend (harness.backend's `Backend`) and its optimizer step over
+  (`rank_trial`: harness.training.trial's one recipe on the DeepSpeed backend);
+- `engine`: the DeepSpeed backend (harness.training.backend's `Backend`) and its optimizer step over
   this rank's micro-batches (`global_batch_step`, `ClipAndTransform`);
 - `zero_access`: parameters and gradients as full tensors under ZeRO (`ZeroParamAccess`),
   gathering for the adapter artifact and the merge check;

@@ -20,8 +20,8 @@ import torch
 
 from harness.deepspeed.collectives import state_digest
 from harness.deepspeed.zero_access import gathered_trainable_state
-from harness.identity import TrialSpec
-from harness.train import TrainState
+from harness.spec.identity import TrialSpec
+from harness.training.train import TrainState
 
 # Test hook: a worker raises at this step once (not after a restore), to exercise restarts.
 FAIL_ONCE_ENV = "HARNESS_TEST_FAIL_ONCE_AT_STEP"
@@ -67,7 +67,7 @@ def restore(engine, global_batch: int) -> TrainState | None:
 
 
 class RankAdapterSaver:
-    """harness.backend's ArtifactSaver for a rank: gathers only the trainable parameters
+    """harness.training.backend's ArtifactSaver for a rank: gathers only the trainable parameters
     (adapter + head; all of them for full FT), rank 0 writes them and Ray Train uploads."""
 
     def __init__(self, rank: int) -> None:
@@ -118,11 +118,11 @@ def report_adapter(module, state: dict[str, torch.Tensor], spec: TrialSpec, rank
 
 def copy_adapter(checkpoint, folder: Path) -> dict[str, Any]:
     """The adapter Ray Train stored, copied beside the single-device trials' adapters
-    (harness.adapters layout: `adapter/` + `harness_adapter.json`; no probe file and no
+    (harness.training.adapters layout: `adapter/` + `harness_adapter.json`; no probe file and no
     stock-base conversion on this path yet)."""
     import shutil
 
-    from harness.adapters import FORMAT_PEFT, META_FILE, folder_bytes
+    from harness.training.adapters import FORMAT_PEFT, META_FILE, folder_bytes
 
     if folder.exists():
         shutil.rmtree(folder)

@@ -2,7 +2,7 @@
 section.
 
 Batch arithmetic (global = micro x accumulation x world, exact or an error) is
-harness.batching's.
+harness.training.batching's.
 
 Precision: bf16 (DeepSpeed keeps fp32 master weights and optimizer states for the trainable
 parameters) on GPU, fp32 on CPU (`precision: auto`). ZeRO-2 partitions gradients and
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.batching import batch_plan
-from harness.config import DistributedConfig
+from harness.spec.config import DistributedConfig
+from harness.training.batching import batch_plan
 
 # Bucket sizes (elements): DeepSpeed's documented defaults, written out so the rendered file
 # is self-contained and recorded in the run row as used.

@@ -1,5 +1,5 @@
-"""The DeepSpeed backend: one rank of a ZeRO-2/3 trial (harness.backend's `Backend`), and
-its optimizer step over this rank's micro-batches (harness.train's `Stepper`).
+"""The DeepSpeed backend: one rank of a ZeRO-2/3 trial (harness.training.backend's `Backend`), and
+its optimizer step over this rank's micro-batches (harness.training.train's `Stepper`).
 
 - init: the model is loaded (bf16 when training in bf16: `load_dtype`) and the method
   prepared on every rank *before* DeepSpeed partitions it, so methods read base weights as
@@ -16,7 +16,7 @@ its optimizer step over this rank's micro-batches (harness.train's `Stepper`).
   assembled full gradients, after the harness clips them (`ClipAndTransform`: the
   single-device order; DeepSpeed's own clipping is then off, as it clips inside `step()`,
   after any transform);
-- evaluation: sharded over the ranks (harness.sharding; equal numbers of model calls under
+- evaluation: sharded over the ranks (harness.heads.sharding; equal numbers of model calls under
   ZeRO-3, whose forwards are collective), gathered in order; rank 0 reports.
 """
 
@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import memory, sanity
-from harness.batching import batch_plan
 from harness.deepspeed import checkpoint
 from harness.deepspeed.collectives import (
     adapter_digest,
@@ -43,10 +41,12 @@ from harness.deepspeed.config import render, resolve_load_dtype, resolve_precisi
 from harness.deepspeed.rank_data import RankShares
 from harness.deepspeed.storage import train_run_name
 from harness.deepspeed.zero_access import ZeroParamAccess, merged_outputs, trainable_parameters
-from harness.identity import TrialSpec
-from harness.sharding import Shard
-from harness.tracking import FINAL, STEP, report_interval
-from harness.train import SCHEDULES, Batch, TrainState, boundary_step
+from harness.heads.sharding import Shard
+from harness.spec.identity import TrialSpec
+from harness.sweeps.tracking import FINAL, STEP, report_interval
+from harness.training import memory, sanity
+from harness.training.batching import batch_plan
+from harness.training.train import SCHEDULES, Batch, TrainState, boundary_step
 from methods.base import GradientTransform, Method
 
 
@@ -157,7 +157,7 @@ class DeepSpeedBackend:
 
     def eval_shard(self) -> Shard:
         # ZeRO-3 forwards are collective: there every rank also makes the same number of
-        # model calls (harness.sharding).
+        # model calls (harness.heads.sharding).
         return Shard(self.rank, self.world_size, synced=self.dist.zero_stage == 3)
 
     def restore(self) -> TrainState:
@@ -174,7 +174,7 @@ class DeepSpeedBackend:
 
     def live_reporting(self, total_steps: int):
         """Every rank reports (`ray.train.report` is collective); rank 0's reach Tune
-        (harness.tracking's fields, as on one device)."""
+        (harness.sweeps.tracking's fields, as on one device)."""
         import ray.train
 
         if self.report_every == 0:
@@ -249,7 +249,7 @@ class DeepSpeedBackend:
 
 
 class EngineStepper:
-    """harness.train's Stepper on a DeepSpeed engine: one optimizer step over this rank's
+    """harness.training.train's Stepper on a DeepSpeed engine: one optimizer step over this rank's
     micro-batches (`global_batch_step`), the callbacks' access through ZeroParamAccess, and
     checkpoints every `checkpoint_every` steps (not at the last)."""
 
@@ -335,7 +335,7 @@ def micro_step(
 
 
 class ClipAndTransform:
-    """harness.train's `boundary_step` at ZeRO's accumulation boundary: clip the full
+    """harness.training.train's `boundary_step` at ZeRO's accumulation boundary: clip the full
     gradients of the trainable parameters by their global norm, apply the method's gradient
     transform, then `update` (`engine.step()`) - the single-device step's code and order.
     Reads and writes go through ZeroParamAccess (collective), so the transform sees whole

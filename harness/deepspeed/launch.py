@@ -6,7 +6,7 @@ trainable (`driver`) that builds and fits a `TorchTrainer` itself:
     Tune trial `driver` (0.1 CPU)  ->  TorchTrainer(num_workers = world size)
                                         -> `worker_loop` on every rank -> rank 0's row
 
-Every rank runs harness.trial's one recipe (`run_recipe`) on a harness.deepspeed.engine
+Every rank runs harness.training.trial's one recipe (`run_recipe`) on a harness.deepspeed.engine
 `DeepSpeedBackend` (`rank_trial`). Failures: `FailureConfig(max_failures)` at the Train
 level restarts the worker group (from the latest DeepSpeed checkpoint when
 `checkpoint_every_steps` is set: harness.deepspeed.checkpoint), and
@@ -21,14 +21,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.config import DistributedConfig, SweepConfig
 from harness.deepspeed.checkpoint import copy_adapter
 from harness.deepspeed.engine import DeepSpeedBackend
 from harness.deepspeed.storage import train_run_name
-from harness.identity import TrialSpec
-from harness.sanity import SanityError
-from harness.train import Diverged
-from harness.trial import STATUS_DIVERGED, STATUS_FAILED, base_row, run_recipe
+from harness.spec.config import DistributedConfig, SweepConfig
+from harness.spec.identity import TrialSpec
+from harness.training.sanity import SanityError
+from harness.training.train import Diverged
+from harness.training.trial import STATUS_DIVERGED, STATUS_FAILED, base_row, run_recipe
 
 DRIVER_CPUS = 0.1  # a Tune driver only waits on its TorchTrainer; Ray refuses 0
 
@@ -85,7 +85,7 @@ def driver(
     rank 0 reports live through Ray's TuneReportCallback), report the row."""
     from ray import tune
 
-    from harness.tracking import final_report
+    from harness.sweeps.tracking import final_report
 
     spec = TrialSpec(**specs[config["index"]])
     # Live reports only when asked for (`tracking.report_every`): under Train V2 each

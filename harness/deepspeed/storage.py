@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.config import ConfigError, SweepConfig
-from harness.identity import TrialSpec
+from harness.spec.config import ConfigError, SweepConfig
+from harness.spec.identity import TrialSpec
 
 # Remote or shared storage every node reaches; anything else is one machine's disk.
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://")

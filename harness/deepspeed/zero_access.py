@@ -145,7 +145,7 @@ def merged_outputs(method, module: torch.nn.Module, probe, zero_stage: int):
 
 def _merged_outputs(method, module, probe) -> torch.Tensor | None:
     """Merges in place: the trial's last use of the model (evaluated and saved before)."""
-    from harness import sanity
+    from harness.training import sanity
 
     merged = method.merge(module)
     return None if merged is None else sanity.outputs(merged, probe)
