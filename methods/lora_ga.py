@@ -5,7 +5,11 @@ place of peft's `preprocess_loraga`: float32, layer-wise, all-reduced across ran
 over 8 single-example batches (official Outsider565/LoRA-GA conf/init/gradient.yaml: bsz 1 x
 iters 8). svd(G) = U S V^T with torch.svd_lowrank(G, q = min(4r, m, n), niter = 4), as both
 codes do (`svd_niter: null` = exact SVD). Direction ArB2r: A0 = V[:, :r]^T, B0 = U[:, r:2r].
-W0 <- W0 - s B0 A0, so training starts at the base function. Two conventions for the scale:
+W0 <- W0 - s B0 A0, so training starts at the base function. ArB2r pairs singular vectors of
+different indices, so B0 A0 depends on their signs, which an SVD leaves free: a one-ulp change
+of G (another summation order, e.g. 2 ranks instead of 1) can flip them under svd_lowrank and
+move the loss curve by several % (tests/test_distributed_methods.py measures it). This is the
+official method's property, kept. Two conventions for the scale:
 
 - `convention: "official"` (default; Outsider565/LoRA-GA peft/src/peft/tuners/lora/layer.py
   `lora_ga_init`, reproduce/run_exp.py): no singular values in B0; the "stable" factor

@@ -128,6 +128,7 @@ def test_valid_distributed_and_smoke_configs():
     [
         "glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods",
         "glue-minilm-study-pilot-mean", "glue-minilm-study-pilot-cls",
+        "glue-minilm-study-pilot-cola-long",
     ],
 )
 def test_committed_results_keep_their_keys(mirror_dir, name):
