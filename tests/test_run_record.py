@@ -364,3 +364,25 @@ def test_a_real_trials_rows_fit_the_run_record(mirror_dir, tmp_path):
     for column in ("seed", "steps", "adapter_bytes", "test_score", "wall_time_s"):
         assert runs.loc["ok", column] == pytest.approx(ok[column]), column
     assert runs.loc["failed", "error"] == failed["error"]
+
+
+def test_a_cpu_row_names_the_cpu_model(tmp_path, monkeypatch):
+    """Float32 CPU results differ in the last bits between CPU models (same code and
+    packages), so a row's `device` names the model, read from /proc/cpuinfo."""
+    import builtins
+
+    import torch
+
+    from harness.spec import provenance
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000 @ 3GHz\n")
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert provenance.hardware(torch.device("cpu"))["device"] == "cpu:Test CPU 9000 @ 3GHz"
+    cpuinfo.unlink()  # no /proc/cpuinfo: the platform's string, still prefixed
+    assert provenance.hardware(torch.device("cpu"))["device"].startswith("cpu:")

@@ -124,7 +124,7 @@ RUN_FIELDS: tuple[RunField, ...] = (
     _f("packages", "json", "versions of the packages that can change a number"),
     _f("git_commit", "str", "commit of the code (`+dirty` marks uncommitted code)"),
     _f("hostname", "str", "machine that ran the trial"),
-    _f("device", "str", "GPU name, or `cpu:` + processor"),
+    _f("device", "str", "GPU name, or `cpu:` + the CPU model name (older rows: the architecture)"),
     _f("threads", "str", "torch threads of the trial"),
     _f("started_at", "str", "start time, UTC, ISO 8601"),
     _f("traceback", "str", "the failure's traceback (failed trials only)"),

@@ -51,11 +51,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor string.
+    Recorded because CPU kernels differ by processor: the same code and packages give
+    float32 results that differ in the last bits on another CPU model."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu:{platform.processor() or platform.machine()}"
+        name = f"cpu:{cpu_model()}"
     return {
         "hostname": socket.gethostname(),
         "device": name,
