@@ -126,8 +126,9 @@ def test_valid_distributed_and_smoke_configs():
 @pytest.mark.parametrize(
     "name",
     [
-        "glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods-cls",
-        "glue-minilm-seed-methods-pilot",
+        "glue-minilm-long", "glue-minilm-main", "glue-minilm-seed-methods",
+        "glue-minilm-seed-methods-cls",
+        "glue-minilm-seed-methods-pilot", "glue-minilm-seed-methods-pilot-cg-scale-none",
         "glue-minilm-study-pilot-mean", "glue-minilm-study-pilot-cls",
         "glue-minilm-study-pilot-cola-long",
     ],
