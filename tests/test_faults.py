@@ -312,7 +312,10 @@ def test_a_gpu_trial_on_a_machine_without_gpus_is_an_error_not_a_hang(tmp_path, 
     assert took < 120
 
 
-def test_ctrl_c_mid_sweep_exits_non_zero_and_says_how_to_resume(tmp_path, mirror_dir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_mid_sweep_exits_non_zero_and_says_how_to_resume(tmp_path, mirror_dir, signum):
+    """Ctrl-C, or SIGTERM (`kill PID`: how a background sweep is stopped, since the shell
+    makes a background job ignore SIGINT), stops at once with a partial leaderboard."""
     config = _small_sweep(tmp_path, mirror_dir, seeds=list(range(8)))
     env = {**os.environ, "HARNESS_DATA_DIR": mirror_dir, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(
@@ -325,7 +328,7 @@ def test_ctrl_c_mid_sweep_exits_non_zero_and_says_how_to_resume(tmp_path, mirror
         for line in driver.stdout:  # the driver's progress lines, as they come
             seen.append(line)
             if line.startswith("[1/8"):
-                driver.send_signal(signal.SIGINT)  # Ctrl-C, after the first of 8 trials
+                driver.send_signal(signum)  # after the first of 8 trials
                 break
         else:
             pytest.fail("the sweep ended before its first trial: " + "".join(seen[-20:]))

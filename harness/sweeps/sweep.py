@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -146,7 +148,7 @@ def _trial_dir(trial: Any) -> Path | None:
 
 
 class SweepInterrupted(Exception):
-    """Ctrl-C mid-sweep: finished trials are recorded, the rest run when rerun."""
+    """Ctrl-C or SIGTERM mid-sweep: finished trials are recorded, the rest run when rerun."""
 
 
 ADDRESS_TIMEOUT_S = 5.0
@@ -389,18 +391,37 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
     return board
 
 
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt in the driver; returns the handler it replaced
+    (None off the main thread, where Python cannot set one)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def _fit(tuner: Any, recorder: Any, n_trials: int) -> str | None:
-    """Run the Tuner; on Ctrl-C stop at once and say how far it got (None: finished).
+    """Run the Tuner; on Ctrl-C or SIGTERM stop at once and say how far it got (None:
+    finished).
 
     Tune's own SIGINT handler is switched off: it would end the run as if complete and
-    advise Tuner.restore, which this harness does not use (rerunning the sweep resumes it)."""
+    advise Tuner.restore, which this harness does not use (rerunning the sweep resumes it).
+    SIGTERM (`kill PID`) stops the driver the same way, so a sweep started in the background
+    (`nohup ... &`, where the shell makes it ignore SIGINT) can still be stopped with its
+    partial leaderboard written."""
     previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous_term = _stop_on_sigterm()
     try:
         tuner.fit()
     except KeyboardInterrupt:
         return f"{recorder.done} of {n_trials} trials finished before the interrupt"
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if previous is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
