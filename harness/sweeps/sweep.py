@@ -391,16 +391,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None) -> pd.DataFrame:
     return board
 
 
-def _stop_on_sigterm() -> Any:
-    """Make SIGTERM raise KeyboardInterrupt in the driver; returns the handler it replaced
-    (None off the main thread, where Python cannot set one)."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, interrupt)
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def _fit(tuner: Any, recorder: Any, n_trials: int) -> str | None:
@@ -414,14 +406,16 @@ def _fit(tuner: Any, recorder: Any, n_trials: int) -> str | None:
     partial leaderboard written."""
     previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    previous_term = _stop_on_sigterm()
+    # Python sets handlers on the main thread only; None = one installed outside Python.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main else None
     try:
         tuner.fit()
     except KeyboardInterrupt:
         return f"{recorder.done} of {n_trials} trials finished before the interrupt"
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        if on_main:
+            signal.signal(signal.SIGTERM, previous_term or signal.SIG_DFL)
         if previous is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
