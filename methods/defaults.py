@@ -170,6 +170,15 @@ ROWS: list[Row] = [
     Row("cg_lora", "init_examples", "batch 8 x 32 accumulations (Sec. 6.1)", _NO_CODE, 256, "-"),
     Row("cg_lora", "stable_gamma", "'as in Wang et al.' (value lost)", _NO_CODE, 16.0,
         "LoRA-GA's default (the paper's value is lost in extraction)"),
+    Row("cg_lora", "scale", "'an additional global scaling' inspired by LoRA-GA (Thm 3.2) "
+        "and LoRA-One (Sec. 5.1; formula lost)", _NO_CODE, "stable",
+        "LoRA-GA's stable factor on the balanced factors (methods/cg_lora.py step 7), so "
+        "||s B0 A0||_2 = s sqrt(m) / gamma. LIKELY NOT THE PAPER'S for no-shift: on MiniLM "
+        "(rank 8, alpha 16, rsLoRA, gamma 16) that is 6.9 (13.9 on the 1536-wide FFN), "
+        "0.97-2.48x the spectral norm of the W0 it is added to, and no-shift then trails "
+        "shift (study SST-2 seeds 0-1: 0.693 vs 0.795), the opposite of the paper's Table 1; "
+        "scale 'none' learns (pilot SST-2 0.807 at 1e-3). Kept until the rows are re-run "
+        "(results/README.md, glue-minilm-study)"),
     Row("cg_lora", "power_iters", "'low values' (lost)", _NO_CODE, 0,
         "inferred from the pass count (methods/cg_lora.py step 3)"),
     Row("cg_lora", "oversampling", "'low values' (lost)", _NO_CODE, 10,
