@@ -8,7 +8,7 @@ Paper (Table 3, RoBERTa-base, CoLA, 256 examples = batch 8 x 32, A40 GPU): CG-Lo
 
 Here: sentence-transformers/all-MiniLM-L6-v2 with a fresh 2-class head, the same real SST-2
 batches for both methods (harness/bench's `real_batches`: the data mirror at
-HARNESS_DATA_DIR, default ../shared/data beside the checkout), by default the paper's
+HARNESS_DATA_DIR, as `make bench` sets it; a fixed sentence when unset), by default the paper's
 256 examples as 32 batches of 8, rank 8, the harness's default targets (all six linear
 layers of each block; `--targets query value` for the paper's q/v setting). Both methods go
 through the registry exactly as a trial runs them (`method.prepare` on a fresh model).
@@ -54,8 +54,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if (REPO.parent / "shared" / "data" / "nyu-mll" / "glue").is_dir():
-    os.environ.setdefault("HARNESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 PAPER = {"cg_s": 3.58, "cg_mib": 509.95, "ga_s": 7.01, "ga_mib": 1.28 * 1024}
 METHODS = ("lora_ga", "cg_lora")

@@ -3,10 +3,10 @@
     .venv/bin/python harness/bench/sds_lora_step.py [--steps 40] [--threads 1] [--rank 8]
 
 Real MiniLM (sentence-transformers/all-MiniLM-L6-v2) and one real SST-2 batch of 16 from the
-data mirror (HARNESS_DATA_DIR, default ../shared/data beside the checkout; a fixed sentence
-when absent), loaded with harness/bench.py's helpers. Both methods go through the registry
-and the harness's own `train_step` (AdamW, grad clipping), same batch, same rank, default
-target modules (all six linear layers per block).
+data mirror (HARNESS_DATA_DIR, as `make bench` sets it; a fixed sentence when unset), loaded
+with harness/bench.py's helpers. Both methods go through the registry and the harness's own
+`train_step` (AdamW, grad clipping), same batch, same rank, default target modules (all six
+linear layers per block).
 
 Timed one step at a time, round-robin (LoRA, SDS, refresh, LoRA, ...) so drift on a
 shared machine hits all alike; medians of wall time and of process CPU time (the steadier
@@ -42,8 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model copy; no hub round-trip
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if (REPO.parent / "shared" / "data" / "nyu-mll" / "glue").is_dir():
-    os.environ.setdefault("HARNESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 import torch  # noqa: E402
 

@@ -59,7 +59,8 @@ THREADS = 1
 # A smoke run of the whole pipeline (not a measurement): TRAINER_COMPARE_STEPS=3.
 if os.environ.get("TRAINER_COMPARE_STEPS"):
     BUDGET = {**BUDGET, "max_steps": int(os.environ["TRAINER_COMPARE_STEPS"])}
-DATA_DIR = os.environ.get("HARNESS_DATA_DIR") or str(REPO.parent / "shared" / "data")
+# Real SST-2 rows from the data mirror, only where told (`make bench` sets it).
+DATA_DIR = os.environ.get("HARNESS_DATA_DIR")
 
 
 # ----------------------------------------------------------------------------- the script
@@ -235,8 +236,7 @@ def run_child(side: str, method: str, seed: int, threads: int | None) -> dict[st
     """One trial in a fresh process, as a user launches it; wall = launch to exit."""
     cmd = [sys.executable, str(Path(__file__).resolve()), side, "--method", method,
            "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HARNESS_DATA_DIR": DATA_DIR,
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -247,6 +247,11 @@ def run_child(side: str, method: str, seed: int, threads: int | None) -> dict[st
     return record
 
 
+def require_mirror() -> None:
+    if not DATA_DIR:
+        raise SystemExit("set HARNESS_DATA_DIR to the data mirror: both sides read real SST-2")
+
+
 def run_sweep(folder: Path) -> dict[str, Any]:
     import pandas as pd
 
@@ -254,7 +259,7 @@ def run_sweep(folder: Path) -> dict[str, Any]:
 
     out = folder / "sweep"
     cfg = write_config(harness_config(str(out)), folder)
-    env = {**os.environ, "HARNESS_DATA_DIR": DATA_DIR, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     proc = subprocess.run(
         [str(REPO / ".venv" / "bin" / "harness"), "sweep", str(cfg)],
@@ -473,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
     parser.add_argument("--render", type=Path, help="rewrite the .md from a result JSON")
     args = parser.parse_args(argv)
+    if not args.render:
+        require_mirror()
     if args.side:
         trial = script_trial if args.side == "script" else harness_trial
         print(json.dumps(trial(args.method, args.seed, args.threads)))

@@ -69,7 +69,9 @@ def text_batches(s: WidthSettings) -> list[dict]:
     from harness.bench import MODEL_ID
     from harness.modeling.models import resolve_model
 
-    data_dir = os.environ.get("HARNESS_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    data_dir = os.environ.get("HARNESS_DATA_DIR")
+    if not data_dir:  # reads the mirror's parquet directly; no hub path here
+        raise SystemExit("set HARNESS_DATA_DIR to the data mirror (real SST-2 sentences)")
     sentences = pd.read_parquet(Path(data_dir) / "nyu-mll/glue/sst2/train.parquet")["sentence"]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL_ID, None, None).location)
     need = s.init_batches * s.micro_batch * s.seq_len
