@@ -160,3 +160,15 @@ def test_report_shows_the_bench_table_found_beside_the_output_dir(tiny_bench, tm
     target_rows = [line for line in section.splitlines() if "| &lt;" in line]  # the bounds
     assert len(target_rows) == 6  # SDS-LoRA 2 parts, LoRA-SB 1, CG-LoRA 2, harness 1
     assert all(row.endswith(("| met |", "| not met |", "| not measured |")) for row in target_rows)
+
+
+def test_benches_that_read_the_mirror_directly_refuse_to_guess_its_path(monkeypatch):
+    """No hard-coded ../shared/data: without HARNESS_DATA_DIR they stop with one message."""
+    from harness.bench import trainer_compare, width
+
+    monkeypatch.setattr(trainer_compare, "DATA_DIR", None)
+    with pytest.raises(SystemExit, match="HARNESS_DATA_DIR"):
+        trainer_compare.main([])
+    monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit, match="HARNESS_DATA_DIR"):
+        width.text_batches(WidthSettings())
