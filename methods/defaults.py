@@ -7,10 +7,16 @@ tests/test_methods.py checks the table covers every registered method, that each
 `hyperparameter` row names a field of the method's hyperparameters whose default equals
 `ours`, and each `targets` row equals `Method.family_target_modules(family)`, so it cannot
 drift from the code. Named presets that reproduce the official settings: methods/presets.py.
+
+A row with a `doubt` is a default we have measured evidence is likely not what the authors
+ran (their formula or value is lost). `doubted_defaults(method, config)` names the doubts a
+resolved method config carries, so the leaderboard and the claims check can mark every number
+that rests on one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +38,10 @@ class Row:
     why: str
     kind: Literal["hyperparameter", "targets", "setting"] = "hyperparameter"
     family: str | None = None  # `targets` rows: the HF model_type
+    # Measured evidence that `ours` is likely not the authors' value (empty: no such evidence).
+    doubt: str = ""
+    # Method-config fields that must also hold for the doubt to apply (e.g. one variant only).
+    doubt_when: tuple[tuple[str, Any], ...] = ()
 
     def ours_text(self) -> str:
         if isinstance(self.ours, list):
@@ -173,12 +183,15 @@ ROWS: list[Row] = [
     Row("cg_lora", "scale", "'an additional global scaling' inspired by LoRA-GA (Thm 3.2) "
         "and LoRA-One (Sec. 5.1; formula lost)", _NO_CODE, "stable",
         "LoRA-GA's stable factor on the balanced factors (methods/cg_lora.py step 7), so "
-        "||s B0 A0||_2 = s sqrt(m) / gamma. LIKELY NOT THE PAPER'S for no-shift: on MiniLM "
-        "(rank 8, alpha 16, rsLoRA, gamma 16) that is 6.9 (13.9 on the 1536-wide FFN), "
-        "0.97-2.48x the spectral norm of the W0 it is added to, and no-shift then trails "
-        "shift (study SST-2 seeds 0-1: 0.693 vs 0.795), the opposite of the paper's Table 1; "
-        "scale 'none' learns (pilot SST-2 0.807 at 1e-3). Kept until the rows are re-run "
-        "(results/README.md, glue-minilm-study)"),
+        "||s B0 A0||_2 = s sqrt(m) / gamma. On MiniLM (rank 8, alpha 16, rsLoRA, gamma 16) "
+        "that is 6.9 (13.9 on the 1536-wide FFN), 0.97-2.48x the spectral norm of the W0 it "
+        "is added to (harness/bench/cg_lora_scale.py); scale 'none' learns (pilot SST-2 0.807 "
+        "at 1e-3). Kept until the rows are re-run (results/README.md, glue-minilm-study)",
+        doubt="likely not the paper's for no-shift: its start W0 + s B0 A0 moves W0 by "
+        "1-2.5 times W0's spectral norm on MiniLM, and no-shift then trails shift (study "
+        "SST-2 0.693 vs 0.795), the opposite of the paper's Table 1; the paper's formula is "
+        "lost",
+        doubt_when=(("variant", "no_shift"),)),
     Row("cg_lora", "power_iters", "'low values' (lost)", _NO_CODE, 0,
         "inferred from the pass count (methods/cg_lora.py step 3)"),
     Row("cg_lora", "oversampling", "'low values' (lost)", _NO_CODE, 10,
@@ -372,6 +385,29 @@ def rows_for(method: str) -> list[Row]:
     return [row for row in ROWS if row.method == method]
 
 
+def doubted_defaults(method: str, config: Mapping[str, Any]) -> list[str]:
+    """`param=value: doubt` for each doubted default this resolved method config uses.
+
+    A doubt applies when the config holds the row's default value and every `doubt_when`
+    field; a run that overrode the value (or another variant) carries none.
+    """
+    return [
+        f"{method}.{row.param}={row.ours_text()}: {row.doubt}"
+        for row in rows_for(method)
+        if row.doubt
+        and row.param in config
+        and config[row.param] == row.ours
+        and all(config.get(k) == v for k, v in row.doubt_when)
+    ]
+
+
+def _why_text(row: Row) -> str:
+    if not row.doubt:
+        return row.why
+    when = ", ".join(f"{k}={v}" for k, v in row.doubt_when)
+    return f"{row.why}. DOUBTED{f' ({when})' if when else ''}: {row.doubt}"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -388,7 +424,7 @@ def render_markdown() -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in ROWS:
-        cells = [row.method, row.label(), row.paper, row.official, row.ours_text(), row.why]
+        cells = [row.method, row.label(), row.paper, row.official, row.ours_text(), _why_text(row)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -400,8 +436,8 @@ def render_text(method: str) -> list[str]:
         out.append(f"    {row.label()}: ours {row.ours_text()}")
         out.append(f"      paper: {row.paper}")
         out.append(f"      official: {row.official}")
-        if row.why != "-":
-            out.append(f"      why: {row.why}")
+        if row.why != "-" or row.doubt:
+            out.append(f"      why: {_why_text(row)}")
     return out
 
 

@@ -119,6 +119,45 @@ def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged():
     assert "1e-02 (edge)" in results.format_leaderboard(board({1e-4: 0.5, 1e-2: 0.9}))
 
 
+def test_a_row_run_with_a_doubted_default_is_marked_in_board_table_and_report(tmp_path: Path):
+    """CG-LoRA no-shift at `scale: stable` (doubted in methods/DEFAULTS.md) is marked; its
+    shift variant and a no-shift run with the scale overridden are not."""
+
+    def cg(seed: int, method: str = "cg_lora", **config) -> dict:
+        config = {"variant": "no_shift", "scale": "stable", "seed": seed} | config
+        return _run(seed, 0.7, key=f"{method}-{json.dumps(config)}", method=method,
+                    method_config=json.dumps(config))  # fmt: skip
+
+    runs = pd.DataFrame(
+        [cg(0), cg(1)]
+        + [cg(s, "cg_lora_shift", variant="shift") for s in (0, 1)]
+        + [_run(s, 0.8) for s in (0, 1)]
+    )
+    board = build_leaderboard(runs, compare=False).set_index("method")
+    doubts = json.loads(board.loc["cg_lora", "doubted_defaults"])
+    assert len(doubts) == 1 and doubts[0].startswith("cg_lora.scale=stable: ")  # once, not per seed
+    assert json.loads(board.loc["cg_lora_shift", "doubted_defaults"]) == []
+    assert json.loads(board.loc["lora", "doubted_defaults"]) == []
+    shown = results.format_leaderboard(board.reset_index())
+    marked = [c.strip() for line in shown.splitlines() for c in line.split("|") if "†" in c]
+    assert "cg_lora †" in marked and "cg_lora_shift †" not in marked and "lora †" not in marked
+    assert results.DOUBT_NOTE in shown
+    rescaled = build_leaderboard(pd.DataFrame([cg(0, scale="none"), cg(1, scale="none")]))
+    assert json.loads(rescaled.iloc[0]["doubted_defaults"]) == []
+    assert "†" not in results.format_leaderboard(rescaled)
+    append_runs(tmp_path, runs.to_dict("records"))
+    escaped = doubts[0].replace("|", "\\|")  # as a Markdown cell holds it
+    md = write_report(tmp_path)[1].read_text()
+    assert "| glue/sst2 | cg_lora † |" in md and escaped in md
+    # A current board written before the column (or before the doubt) still shows it.
+    write_leaderboard(tmp_path)
+    stored = pd.read_parquet(tmp_path / "leaderboard.parquet").drop(columns="doubted_defaults")
+    stored.to_parquet(tmp_path / "leaderboard.parquet", index=False)
+    md = write_report(tmp_path)[1].read_text()
+    assert "out of date" not in md
+    assert "| glue/sst2 | cg_lora † |" in md and escaped in md
+
+
 def test_report_rebuilds_a_leaderboard_older_than_the_runs(tmp_path: Path):
     append_runs(tmp_path, [_run(0, 0.9)])
     write_leaderboard(tmp_path)  # 1 seed: 0.9000

@@ -236,6 +236,33 @@ def test_config_filters_tell_variants_of_one_method_apart():
     assert out["verdict"] == UNTESTABLE and "several settings" in out["why"]
 
 
+def test_a_verdict_resting_on_a_doubted_default_says_so():
+    """CG-LoRA no-shift at our doubted `scale: stable` (methods/DEFAULTS.md) carries a caveat
+    on every claim it is a side of; the shift variant, or no-shift with the scale overridden,
+    carries none, and the verdict itself is unchanged."""
+    stable = {"rank": 8, "variant": "no_shift", "scale": "stable"}
+    rows = [_run("cg_lora", s, wrong=40, config=stable) for s in SEEDS]
+    rows += [_run("lora_ga", s, wrong=160, config={"rank": 8}) for s in SEEDS]
+    rows += [_run("cg_lora_shift", s, wrong=100, config=dict(stable, variant="shift"))
+             for s in SEEDS]  # fmt: skip
+    runs = _runs(rows)
+    out = _one(runs, _claim(a="cg_lora", b="lora_ga"))
+    assert out["verdict"] == "supported"
+    assert out["caveat"].startswith("cg_lora.scale=stable: ") and "lost" in out["caveat"]
+    # Either side: the doubt is named when the doubted method is B too.
+    assert _one(runs, _claim(a="lora_ga", b="cg_lora"))["caveat"] == out["caveat"]
+    assert _one(runs, _claim(a="cg_lora_shift", b="lora_ga"))["caveat"] == ""
+    rescaled = _runs(
+        [_run("cg_lora", s, wrong=40, config=dict(stable, scale="none")) for s in SEEDS]
+        + rows[3:6]
+    )
+    out = _one(rescaled, _claim(a="cg_lora", b="lora_ga"))
+    assert out["verdict"] == "supported" and out["caveat"] == ""
+    # Failed runs ran nothing a verdict uses: they add no caveat.
+    failed = _runs([dict(r, status="failed") for r in rows[:3]] + rows[3:6])
+    assert _one(failed, _claim(a="cg_lora", b="lora_ga"))["caveat"] == ""
+
+
 def test_same_fields_must_match_between_sides():
     rows = [_run("x", s, wrong=40, config={"rank": 8}) for s in SEEDS]
     rows += [_run("y", s, wrong=160, config={"rank": 16}) for s in SEEDS]
@@ -451,6 +478,7 @@ def test_report_has_a_claims_section_matching_the_evaluation(tmp_path):
         ]
         assert len(cells) == 1, (r.claim_id, r.task)
         assert cells[0][6] == r.verdict
+        assert cells[0][7] == (r.caveat or "-")
         if r.verdict != UNTESTABLE:
-            assert cells[0][7] == f"{r.delta:+.4f}"
+            assert cells[0][8] == f"{r.delta:+.4f}"
     assert CLAIMS_YAML.is_file()

@@ -550,6 +550,22 @@ def test_defaults_table_covers_every_method_and_matches_the_code():
     assert DOC_PATH.read_text() == render_markdown()  # `python -m methods.defaults`
 
 
+def test_a_doubted_default_applies_only_where_the_run_used_it():
+    from methods.defaults import ROWS, doubted_defaults
+
+    doubted = [row for row in ROWS if row.doubt]
+    assert [(r.method, r.param) for r in doubted] == [("cg_lora", "scale")]
+    resolved = methods.get_method("cg_lora").hyperparams({}).model_dump()
+    assert resolved["scale"] == "stable" and resolved["variant"] == "no_shift"
+    (found,) = doubted_defaults("cg_lora", resolved)
+    assert found.startswith("cg_lora.scale=stable: ")
+    assert doubted_defaults("cg_lora", resolved | {"scale": "none"}) == []
+    assert doubted_defaults("cg_lora", resolved | {"variant": "shift"}) == []
+    shift = methods.get_method("cg_lora_shift").hyperparams({}).model_dump()
+    assert doubted_defaults("cg_lora_shift", shift) == []
+    assert doubted_defaults("lora", resolved) == []  # another method's row never applies
+
+
 def test_list_methods_verbose_renders_the_table(capsys):
     from harness.cli import main
 

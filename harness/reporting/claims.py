@@ -39,6 +39,10 @@ How each form is computed (delta is always A - B):
   (max - min) over LRs of the mean test score over seeds (CG-LoRA Figure 3's reading);
   bootstrap over paired seeds (a replicate resamples seeds and recomputes every LR's mean).
 
+A row's `caveat` names each default that methods/DEFAULTS.md doubts is the authors' and that
+the ok runs of either side on the task ran with (`harness.reporting.results.run_doubts`): its
+verdict is about our reconstruction of that method, not necessarily the paper's.
+
 `mean_ranks(runs, board)` ranks the methods on each task (1 = best mean test score at the
 chosen LR) and averages over tasks, with a 95% interval from the bootstrap over seeds and
 test items the leaderboard uses.
@@ -64,6 +68,7 @@ from harness.reporting.results import (
     known_task,
     metric_fn,
     paired_items,
+    run_doubts,
     setting_differences,
 )
 from harness.reporting.stats import direction_verdict, paired_bootstrap, paired_seed_bootstrap
@@ -91,7 +96,7 @@ MIN_SEEDS = 2
 
 CLAIM_COLUMNS = [
     "claim_id", "paper", "source", "claim", "about", "check", "form", "task", "a", "b",
-    "verdict", "why", "delta", "ci_low", "ci_high", "n_seeds", "detail",
+    "verdict", "why", "delta", "ci_low", "ci_high", "n_seeds", "detail", "caveat",
 ]  # fmt: skip
 
 _SIDE_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
@@ -534,9 +539,22 @@ def evaluate_claims(
                     "ci_high": outcome.ci_high,
                     "n_seeds": outcome.n_seeds,
                     "detail": outcome.detail,
+                    "caveat": _caveat(claim, runs, task),
                 }
             )
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def _caveat(claim: Claim, runs: pd.DataFrame, task: str | None) -> str:
+    """The doubted defaults the ok runs of either side on `task` ran with ("" if none)."""
+    if task is None:
+        return ""
+    doubts: list[str] = []
+    for side in (claim.a, claim.b):
+        ok = _ok(side_runs(runs, side, task))
+        if "method_config" in ok.columns:
+            doubts += [d for d in run_doubts(side.method, ok["method_config"]) if d not in doubts]
+    return "; ".join(doubts)
 
 
 # -- mean rank over tasks -------------------------------------------------------------------

@@ -44,6 +44,8 @@ import pandas as pd
 from harness.reporting import report_interactive
 from harness.reporting.results import (
     CLIPPED_NOTE,
+    DOUBT_MARK,
+    DOUBT_NOTE,
     FEW_SEEDS_MARK,
     FEW_SEEDS_NOTE,
     LEADERBOARD_FILE,
@@ -237,7 +239,11 @@ def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     planned = planned_keys(out)
     quick = build_leaderboard(runs, compare=False, planned=planned)  # no bootstrap: cheap
     if stored is not None and leaderboard_is_current(stored, quick):
-        board, notes = stored, []
+        # Doubts come from the runs and methods/DEFAULTS.md as they are now, so a board
+        # written before a default was doubted (or before the column) still shows them.
+        doubts = quick.set_index(["method", "task"])["doubted_defaults"]
+        keys = pd.MultiIndex.from_frame(stored[["method", "task"]])
+        board, notes = stored.assign(doubted_defaults=doubts.reindex(keys).to_numpy()), []
     else:
         board = build_leaderboard(runs, planned=planned)
         notes = (
@@ -508,7 +514,7 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
     rows, keys = [], []
     for r in board.to_dict("records"):
         row = [
-            r.get("task"), r.get("method"), _fmt_any(r.get("test_metric")),
+            r.get("task"), _method_cell(r), _fmt_any(r.get("test_metric")),
             fmt_mean_std(r.get("test_mean"), r.get("test_std")), _fmt_any(r.get("n_seeds")),
             fmt_lr(r.get("chosen_lr")), fmt_score(r.get("selection_mean")),
             _fmt_any(r.get("n_failed")), _fmt_any(r.get("n_diverged")),
@@ -532,6 +538,17 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
                                 "samples_per_s")]
         )  # fmt: skip
     return Table(headers, rows, sort_keys=keys)
+
+
+def _doubts(record: dict[str, Any]) -> list[str]:
+    """The board row's doubted defaults; none for a board written before the column."""
+    text = record.get("doubted_defaults")
+    return json.loads(text) if isinstance(text, str) and text else []
+
+
+def _method_cell(record: dict[str, Any]) -> str:
+    method = str(record.get("method"))
+    return f"{method} {DOUBT_MARK}" if _doubts(record) else method
 
 
 def _ci_text(value: Any, few_seeds: bool) -> str:
@@ -565,6 +582,9 @@ def _interval_notes(board: pd.DataFrame) -> list[tuple[str, str]]:
         notes.append(("p", FEW_SEEDS_NOTE + " (the n seeds column says how many)."))
     if _col(board, "ci_clipped").fillna(False).astype(bool).any():
         notes.append(("p", CLIPPED_NOTE + "."))
+    doubts = sorted({d for r in board.to_dict("records") for d in _doubts(r)})
+    if doubts:
+        notes.append(("p", f"{DOUBT_NOTE}: " + "; ".join(doubts) + "."))
     return notes
 
 
@@ -726,12 +746,13 @@ def _claims_section(runs: pd.DataFrame) -> Section:
         (
             "p",
             f"{len(claims)} claims, {len(result)} rows: "
-            + ", ".join(f"{int(v)} {k}" for k, v in counts.items()),
+            + ", ".join(f"{int(v)} {k}" for k, v in counts.items())
+            + _caveat_count(result),
         )
     )
     headers = [
-        "claim", "paper", "about", "task", "A", "B", "verdict", "delta (A - B)", "95% CI",
-        "seeds", "why / detail", "checkable form", "claim in words", "source",
+        "claim", "paper", "about", "task", "A", "B", "verdict", "caveat", "delta (A - B)",
+        "95% CI", "seeds", "why / detail", "checkable form", "claim in words", "source",
     ]  # fmt: skip
     rows = []
     for r in result.to_dict("records"):
@@ -745,6 +766,7 @@ def _claims_section(runs: pd.DataFrame) -> Section:
                 r["a"],
                 r["b"],
                 r["verdict"],
+                r["caveat"] or "-",
                 fmt_delta(r["delta"]),
                 ci,
                 _fmt_any(r["n_seeds"] or None),
@@ -756,6 +778,19 @@ def _claims_section(runs: pd.DataFrame) -> Section:
         )
     blocks.append(("table", Table(headers, rows)))
     return Section(title, blocks)
+
+
+def _caveat_count(result: pd.DataFrame) -> str:
+    """'; of the supported and contradicted rows, N rest on a doubted default' (or "")."""
+    decided = result[result["verdict"].isin(["supported", "contradicted"])]
+    n = int((decided["caveat"] != "").sum())
+    if not n:
+        return ""
+    return (
+        f". Of the {len(decided)} supported or contradicted rows, {n} rest on a default that "
+        "methods/DEFAULTS.md doubts is the authors' (the caveat column names it): they judge "
+        "our reconstruction of that method, not necessarily the paper's"
+    )
 
 
 def _data_flags(kinds: list[str], sources: list[str]) -> list[str]:

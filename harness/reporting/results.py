@@ -73,7 +73,7 @@ LEADERBOARD_COLUMNS = [
     "init_time_s", "train_time_s", "peak_memory_mb", "samples_per_s", "method_config",
     "protocol", "model_revision", "data_kind", "data_source", "seeds", "packages",
     "git_commit", "device", "setting_key", "n_duplicate_rows", "lr_at_grid_edge",
-    "n_planned", "n_missing", "partial",
+    "n_planned", "n_missing", "partial", "doubted_defaults",
 ]  # fmt: skip
 PARTIAL_MARK = "PARTIAL"
 # Below this many seeds a t-interval is too unstable to read: the row says `few_seeds`, and
@@ -82,6 +82,11 @@ MIN_RELIABLE_SEEDS = 3
 FEW_SEEDS_MARK = "*"
 FEW_SEEDS_NOTE = (  # not "* ..." at a line's start: Markdown would read a bullet
     f"Intervals marked {FEW_SEEDS_MARK}: n < {MIN_RELIABLE_SEEDS} seeds: interval unreliable"
+)
+DOUBT_MARK = "†"
+DOUBT_NOTE = (
+    f"Methods marked {DOUBT_MARK} ran with a default that methods/DEFAULTS.md doubts is the "
+    f"authors' ({LEADERBOARD_FILE} column doubted_defaults says which, and why)"
 )
 CLIPPED_NOTE = (
     "95% CI: the Student-t interval over seeds, cut to the values the metric can take; "
@@ -550,6 +555,23 @@ class RunRecorder:
         return not self.refused
 
 
+def run_doubts(method: str, configs: pd.Series) -> list[str]:
+    """The doubted defaults (`methods.defaults.doubted_defaults`) any of these runs' method
+    configs (JSON) carries, each once, in order."""
+    from methods.defaults import doubted_defaults  # here: importing methods loads torch
+
+    found: list[str] = []
+    for text in configs.dropna().unique():
+        try:
+            config = json.loads(text) if isinstance(text, str) else dict(text)
+        except (TypeError, ValueError):
+            continue  # not a JSON object: carries no recorded default
+        for doubt in doubted_defaults(method, config) if isinstance(config, dict) else []:
+            if doubt not in found:
+                found.append(doubt)
+    return found
+
+
 def _unique(series: pd.Series) -> str:
     values = sorted({str(v) for v in series.dropna()})
     if not values:
@@ -605,10 +627,12 @@ def build_leaderboard(
     `compare=False` skips the (slow) paired bootstrap against LoRA. `planned` (the sweep's
     keys per (method, task)) marks a row `partial` while any planned key has no finished
     run (ok, failed or diverged): an interrupted sweep's leaderboard says so in the file.
-    `lr_at_grid_edge` says the chosen LR is the grid's smallest or largest (of >= 2): the
-    best LR may lie outside the grid. test_ci_low/high is cut to the values the headline
-    metric can take (tasks/ declares them) and `ci_clipped` says it was; `few_seeds` marks
-    n_seeds < MIN_RELIABLE_SEEDS, whose interval is unreliable.
+    `doubted_defaults` (a JSON list) names each default the rows ran with that
+    methods/DEFAULTS.md doubts is the authors'. `lr_at_grid_edge` says the chosen LR is the
+    grid's smallest or largest (of >= 2): the best LR may lie outside the grid.
+    test_ci_low/high is cut to the values the headline metric can take (tasks/ declares
+    them) and `ci_clipped` says it was; `few_seeds` marks n_seeds < MIN_RELIABLE_SEEDS, whose
+    interval is unreliable.
     """
     rows = []
     if "setting_key" not in runs.columns:  # rows from before key version 2
@@ -666,6 +690,7 @@ def build_leaderboard(
             "selection_metric": _unique(group["selection_metric"]),
             "setting_key": _unique(group["setting_key"]),
             "n_duplicate_rows": int(duplicates.get((method, task), 0)),
+            "doubted_defaults": json.dumps(run_doubts(str(method), group["method_config"])),
         }
         if planned is not None and (method, task) in planned:  # else: not this sweep's
             keys = planned[(method, task)]
@@ -945,7 +970,9 @@ def format_leaderboard(board: pd.DataFrame) -> str:
     shown = pd.DataFrame(
         {
             "task": board["task"],
-            "method": board["method"],
+            "method": [
+                f"{r.method} {DOUBT_MARK}" if _doubted(r) else r.method for r in board.itertuples()
+            ],
             "metric": board["test_metric"],
             "test mean": board["test_mean"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
             "± std": board["test_std"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-"),
@@ -976,7 +1003,15 @@ def format_leaderboard(board: pd.DataFrame) -> str:
         notes.append(FEW_SEEDS_NOTE)
     if "ci_clipped" in board.columns and board["ci_clipped"].fillna(False).astype(bool).any():
         notes.append(CLIPPED_NOTE)
+    if any(_doubted(r) for r in board.itertuples()):
+        notes.append(DOUBT_NOTE)
     return "\n\n".join([table, *notes])
+
+
+def _doubted(row) -> bool:
+    """The row ran with a doubted default; False for a board written before the column."""
+    text = getattr(row, "doubted_defaults", None)
+    return isinstance(text, str) and bool(json.loads(text))
 
 
 def _few_seeds(row) -> bool:
