@@ -52,6 +52,7 @@ from harness.reporting.results import (
     MIN_RELIABLE_SEEDS,
     RUNS_FILE,
     ResultsError,
+    board_doubts,
     build_leaderboard,
     has_runs,
     leaderboard_warnings,
@@ -540,15 +541,9 @@ def _leaderboard_table(board: pd.DataFrame) -> Table:
     return Table(headers, rows, sort_keys=keys)
 
 
-def _doubts(record: dict[str, Any]) -> list[str]:
-    """The board row's doubted defaults; none for a board written before the column."""
-    text = record.get("doubted_defaults")
-    return json.loads(text) if isinstance(text, str) and text else []
-
-
 def _method_cell(record: dict[str, Any]) -> str:
     method = str(record.get("method"))
-    return f"{method} {DOUBT_MARK}" if _doubts(record) else method
+    return f"{method} {DOUBT_MARK}" if board_doubts(record.get("doubted_defaults")) else method
 
 
 def _ci_text(value: Any, few_seeds: bool) -> str:
@@ -582,7 +577,7 @@ def _interval_notes(board: pd.DataFrame) -> list[tuple[str, str]]:
         notes.append(("p", FEW_SEEDS_NOTE + " (the n seeds column says how many)."))
     if _col(board, "ci_clipped").fillna(False).astype(bool).any():
         notes.append(("p", CLIPPED_NOTE + "."))
-    doubts = sorted({d for r in board.to_dict("records") for d in _doubts(r)})
+    doubts = sorted({d for cell in _col(board, "doubted_defaults") for d in board_doubts(cell)})
     if doubts:
         notes.append(("p", f"{DOUBT_NOTE}: " + "; ".join(doubts) + "."))
     return notes

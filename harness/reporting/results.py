@@ -563,13 +563,19 @@ def run_doubts(method: str, configs: pd.Series) -> list[str]:
     found: list[str] = []
     for text in configs.dropna().unique():
         try:
-            config = json.loads(text) if isinstance(text, str) else dict(text)
-        except (TypeError, ValueError):
-            continue  # not a JSON object: carries no recorded default
+            config = json.loads(text)
+        except ValueError:
+            continue  # not JSON: carries no recorded default
         for doubt in doubted_defaults(method, config) if isinstance(config, dict) else []:
             if doubt not in found:
                 found.append(doubt)
     return found
+
+
+def board_doubts(cell: Any) -> list[str]:
+    """A leaderboard row's `doubted_defaults` cell as a list; none for a board written
+    before the column (no cell, or NA)."""
+    return json.loads(cell) if isinstance(cell, str) and cell else []
 
 
 def _unique(series: pd.Series) -> str:
@@ -1009,9 +1015,7 @@ def format_leaderboard(board: pd.DataFrame) -> str:
 
 
 def _doubted(row) -> bool:
-    """The row ran with a doubted default; False for a board written before the column."""
-    text = getattr(row, "doubted_defaults", None)
-    return isinstance(text, str) and bool(json.loads(text))
+    return bool(board_doubts(getattr(row, "doubted_defaults", None)))
 
 
 def _few_seeds(row) -> bool:
