@@ -40,6 +40,28 @@ def test_lr_is_chosen_by_selection_mean_not_by_test():
     assert list(board.columns) == LEADERBOARD_COLUMNS
 
 
+def test_a_selection_tie_goes_to_the_smallest_lr_even_through_float_round_off():
+    """Equal accuracy counts on the selection split are a tie even when their float means
+    differ in the last bit (the study's PiSSA SST-2 grid: 0.8099999999999999 vs 0.81)."""
+    scores = {5e-4: (0.78, 0.82, 0.83), 1e-3: (0.805, 0.81, 0.815)}
+    runs = pd.DataFrame(
+        [
+            result_row("pissa", lr, seed, sel, 0.80 + 0.01 * (lr == 1e-3))
+            for lr, sels in scores.items()
+            for seed, sel in enumerate(sels)
+        ]
+        + [result_row("pissa", 1e-4, seed, 0.70, 0.70) for seed in range(3)]
+    )
+    means = runs.groupby("lr")["selection_score"].mean()
+    assert means[5e-4] < means[1e-3]  # the round-off this is about
+    row = build_leaderboard(runs).iloc[0]
+    assert row["chosen_lr"] == 5e-4 and not bool(row["lr_at_grid_edge"])
+    assert row["selection_mean"] == pytest.approx(0.81) and row["test_mean"] == pytest.approx(0.80)
+    # A real difference, one item of 200 on one seed, still wins.
+    runs.loc[(runs["lr"] == 1e-3) & (runs["seed"] == 0), "selection_score"] = 0.810
+    assert build_leaderboard(runs).iloc[0]["chosen_lr"] == 1e-3
+
+
 def test_failed_or_diverged_seed_makes_its_lr_ineligible():
     runs = pd.DataFrame(
         [

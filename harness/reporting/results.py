@@ -616,6 +616,18 @@ def leaderboard_warnings(board: pd.DataFrame) -> list[str]:
     return notes
 
 
+# Selection scores are means over a finite item set: equal counts can differ in the last
+# bit (mean(0.805, 0.81, 0.815) = 0.81 but mean(0.78, 0.82, 0.83) = 0.8099999999999999).
+SELECTION_TIE_TOLERANCE = 1e-9
+
+
+def tied_smallest_best(by_lr: pd.Series) -> float:
+    """The LR with the best mean selection score; a tie (within SELECTION_TIE_TOLERANCE,
+    so float round-off never breaks one) goes to the smallest LR."""
+    top = by_lr.max()
+    return float(min(lr for lr, score in by_lr.items() if score >= top - SELECTION_TIE_TOLERANCE))
+
+
 def build_leaderboard(
     runs: pd.DataFrame,
     *,
@@ -703,14 +715,14 @@ def build_leaderboard(
             missing = len(keys - set(group["key"]))
             row.update(n_planned=len(keys), n_missing=missing, partial=missing > 0)
         if by_lr.notna().any():
-            chosen = float(by_lr.idxmax())
+            chosen = tied_smallest_best(by_lr)
             grid = sorted(float(x) for x in group["lr"].unique())
             row["lr_at_grid_edge"] = len(grid) >= 2 and chosen in (grid[0], grid[-1])
             best = ok[ok["lr"] == chosen]
             test_metrics = [json.loads(s) for s in best["test_metrics"]]
             row.update(
                 chosen_lr=chosen,
-                selection_mean=float(by_lr.max()),
+                selection_mean=float(by_lr[chosen]),
                 test_mean=float(best["test_score"].mean()),
                 test_std=float(best["test_score"].std(ddof=1)) if len(best) > 1 else float("nan"),
                 **seed_interval(task, row["test_metric"], best["test_score"]),
