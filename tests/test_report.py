@@ -200,6 +200,24 @@ def test_report_labels_selection_and_test_curves_and_provenance(report):
     assert "<td>torch</td><td>2.13.0+cpu</td>" in html
 
 
+def test_a_model_installed_at_several_paths_gets_one_packaged_copy_note(tmp_path: Path):
+    """A resumed sweep's rows name each clone's venv as the model source (the study's name
+    three); the reader gets the note once per section, while the Model table lists every source."""
+    out = _copy_output(tmp_path)
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs["model_source"].str.startswith("pypi-package:").all()
+    other = runs["model_source"].str.replace("/.venv/", "/other-clone/.venv/", regex=False)
+    runs.loc[runs.index[::2], "model_source"] = other[::2]
+    runs.to_parquet(out / "runs.parquet")
+    _, md_path = write_report(out)
+    md = md_path.read_text(encoding="utf-8")
+    summary, rest = md.split("\n## Leaderboard", 1)
+    provenance = rest.split("\n## Provenance", 1)[1]
+    assert summary.count("loaded from a packaged copy") == 1
+    assert provenance.count("loaded from a packaged copy") == 1
+    assert all(source in md for source in runs["model_source"].unique())
+
+
 def test_report_says_when_no_published_number_matches(report):
     assert "No published number matches this output" in report["html"]
     assert "sentence-transformers/all-MiniLM-L6-v2" in report["html"]

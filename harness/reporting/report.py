@@ -823,7 +823,7 @@ def _model_flags(models: pd.DataFrame) -> list[str]:
                 f"model {r.get('model_id')}: loaded from a packaged copy "
                 f"({r.get('model_revision')}), not from the hub."
             )
-    return flags
+    return list(dict.fromkeys(flags))  # one note per model, however many install paths
 
 
 def _split_rows(task: str, source: Any) -> list[list]:
