@@ -130,7 +130,7 @@ def test_valid_distributed_and_smoke_configs():
         "glue-minilm-seed-methods-cls",
         "glue-minilm-seed-methods-pilot", "glue-minilm-seed-methods-pilot-cg-scale-none",
         "glue-minilm-study-pilot-mean", "glue-minilm-study-pilot-cls",
-        "glue-minilm-study-pilot-cola-long",
+        "glue-minilm-study-pilot-cola-long", "glue-minilm-study",
     ],
 )
 def test_committed_results_keep_their_keys(mirror_dir, name):
